@@ -1,0 +1,241 @@
+"""The ``imagefn`` command line.
+
+Server commands (``up``, ``gateway``, ``worker``) load settings once from the environment
+and run in the foreground until Ctrl-C/SIGTERM, then stop cleanly. Client commands talk
+to a gateway's HTTP API (``--gateway`` or IMAGEFN_GATEWAY, default http://127.0.0.1:8080)
+and print one clear line on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.errors import ImagefnError
+from shared.logs import configure_logging
+from shared.settings import Settings, load_settings
+
+DEFAULT_GATEWAY = "http://127.0.0.1:8080"
+
+
+class CliError(Exception):
+    pass
+
+
+# -- server commands ------------------------------------------------------------------------
+
+
+def _serve(
+    settings: Settings, *parts: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]]
+) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = [asyncio.create_task(p(settings, stop), name=p.__name__) for p in parts]
+        # If one part dies, stop the others instead of running half a platform.
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        stop.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                raise r
+
+    configure_logging(settings.log_level)
+    asyncio.run(main())
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> None:
+    from gateway.service import serve_gateway
+    from workers.service import serve_worker
+
+    _serve(settings, serve_gateway, serve_worker)
+
+
+def cmd_gateway(args: argparse.Namespace, settings: Settings) -> None:
+    from gateway.service import serve_gateway
+
+    _serve(settings, serve_gateway)
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
+    from workers.service import serve_worker
+
+    _serve(settings, serve_worker)
+
+
+# -- client commands ------------------------------------------------------------------------
+
+
+def _request(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    content_type: str = "application/json",
+) -> tuple[int, dict[str, str], bytes]:
+    url = args.gateway.rstrip("/") + path
+    req = urllib.request.Request(url, data=body, method=method)
+    if body is not None:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        raise CliError(_describe_error(e.code, raw)) from None
+    except urllib.error.URLError as e:
+        raise CliError(f"cannot reach the gateway at {args.gateway}: {e.reason}") from None
+    except TimeoutError:
+        raise CliError(
+            f"the gateway at {args.gateway} did not answer in {args.timeout} s"
+        ) from None
+
+
+def _describe_error(status: int, raw: bytes) -> str:
+    try:
+        err = json.loads(raw)["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}: {raw[:500].decode('utf-8', 'replace')}"
+    line = f"{err.get('type', 'Error')}: {err.get('message', '')}"
+    if isinstance(err.get("fields"), dict):
+        line += "".join(f"\n  {k}: {v}" for k, v in sorted(err["fields"].items()))
+    if err.get("logs"):
+        line += "\n  last log lines:" + "".join(f"\n    {ln}" for ln in err["logs"])
+    if err.get("request_id"):
+        line += f"\n  request id: {err['request_id']}"
+    return line
+
+
+def _load_spec_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise CliError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        doc = yaml.safe_load(text) if p.suffix in (".yaml", ".yml") else json.loads(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise CliError(
+            f"{path} is not valid {'YAML' if p.suffix != '.json' else 'JSON'}: {e}"
+        ) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
+        raise CliError(f"{path}: a function spec is a mapping with at least 'name' and 'image'")
+    return doc
+
+
+def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
+    doc = _load_spec_file(args.file)
+    status, _, raw = _request(args, "PUT", f"/v1/functions/{doc['name']}", json.dumps(doc).encode())
+    rec = json.loads(raw)
+    verb = "created" if status == 201 else "updated"
+    print(
+        f"{verb} {rec['name']} revision {rec['revision']} ({rec['type']}, image {rec['image']}"
+        f" = {rec['image_id'][:19]})"
+    )
+
+
+def cmd_invoke(args: argparse.Namespace, settings: Settings) -> None:
+    data = args.data
+    if data.startswith("@"):
+        try:
+            data = Path(data[1:]).read_text()
+        except OSError as e:
+            raise CliError(f"cannot read {data[1:]}: {e.strerror}") from None
+    try:
+        json.loads(data)
+    except ValueError as e:
+        raise CliError(f"--data is not valid JSON: {e}") from None
+    _, headers, body = _request(args, "POST", f"/v1/functions/{args.name}/invoke", data.encode())
+    sys.stdout.write(body.decode("utf-8", "replace"))
+    if not body.endswith(b"\n"):
+        sys.stdout.write("\n")
+    if args.verbose:
+        for k in ("X-Request-Id", "X-Imagefn-Instance", "X-Imagefn-Cold-Start", "Server-Timing"):
+            if k in headers:
+                print(f"{k}: {headers[k]}", file=sys.stderr)
+
+
+def cmd_ls(args: argparse.Namespace, settings: Settings) -> None:
+    _, _, raw = _request(args, "GET", "/v1/functions")
+    fns = json.loads(raw)["functions"]
+    if not fns:
+        print("no functions deployed")
+        return
+    rows = [("NAME", "TYPE", "REV", "IMAGE", "MEMORY", "TIMEOUT")] + [
+        (
+            f["name"],
+            f["type"],
+            str(f["revision"]),
+            f["image"],
+            f"{f['memory_mb']}MB",
+            f"{f['timeout_s']:g}s",
+        )
+        for f in fns
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def cmd_rm(args: argparse.Namespace, settings: Settings) -> None:
+    _request(args, "DELETE", f"/v1/functions/{args.name}")
+    print(f"removed {args.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imagefn", description="Run container images as functions.")
+    p.add_argument("--gateway", default=None, help=f"gateway URL (default {DEFAULT_GATEWAY})")
+    p.add_argument("--timeout", type=float, default=960.0, help="client timeout in seconds")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("up", help="run a gateway and a worker in the foreground").set_defaults(
+        fn=cmd_up
+    )
+    sub.add_parser("gateway", help="run a gateway in the foreground").set_defaults(fn=cmd_gateway)
+    sub.add_parser("worker", help="run a worker in the foreground").set_defaults(fn=cmd_worker)
+    d = sub.add_parser("deploy", help="create or replace a function from a spec file")
+    d.add_argument("-f", "--file", required=True, help="function spec, YAML or JSON")
+    d.set_defaults(fn=cmd_deploy)
+    i = sub.add_parser("invoke", help="invoke an event function and print its result")
+    i.add_argument("name")
+    i.add_argument("--data", default="{}", help="event JSON, or @file")
+    i.add_argument(
+        "-v", "--verbose", action="store_true", help="show request id, instance, timings"
+    )
+    i.set_defaults(fn=cmd_invoke)
+    sub.add_parser("ls", help="list functions").set_defaults(fn=cmd_ls)
+    r = sub.add_parser("rm", help="delete a function")
+    r.add_argument("name")
+    r.set_defaults(fn=cmd_rm)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(os.environ)
+        if args.gateway is None:
+            args.gateway = os.environ.get("IMAGEFN_GATEWAY", DEFAULT_GATEWAY)
+        args.fn(args, settings)
+    except (CliError, ImagefnError) as e:
+        print(f"imagefn: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

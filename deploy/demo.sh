@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The first thing to run: prepares the machine, starts imagefn in the background,
+# deploys the two examples and calls them. Safe to run again; stop with deploy/stop.sh.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+GATEWAY=http://127.0.0.1:8080
+IMAGEFN=.venv/bin/imagefn
+STATE=.imagefn
+
+step() { printf '\n==> %s\n' "$*"; }
+healthy() { curl -fsS --max-time 2 "$GATEWAY/healthz" >/dev/null 2>&1; }
+ms_since() { echo $((($(date +%s%N) - $1) / 1000000)); }
+
+bash deploy/setup.sh
+
+mkdir -p "$STATE"
+if healthy; then
+  step "imagefn is already running at $GATEWAY"
+else
+  step "starting imagefn (gateway $GATEWAY, log $STATE/up.log)"
+  nohup setsid "$IMAGEFN" up >"$STATE/up.log" 2>&1 </dev/null &
+  pid=$!
+  echo "$pid" >"$STATE/up.pid"
+  deadline=$((SECONDS + 30))
+  until healthy; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -n 30 "$STATE/up.log" >&2
+      echo "demo: imagefn up exited; the log is $STATE/up.log" >&2
+      exit 1
+    fi
+    if ((SECONDS >= deadline)); then
+      tail -n 30 "$STATE/up.log" >&2
+      echo "demo: no answer from $GATEWAY/healthz within 30 s (pid $pid still running)" >&2
+      exit 1
+    fi
+    sleep 0.5
+  done
+  echo "up (pid $pid)"
+fi
+
+step "deploying the examples"
+for example in hello-event web-app; do
+  "$IMAGEFN" deploy -f "examples/$example/function.yaml"
+done
+
+for call in "first call: starts an instance (cold)" "second call: reuses the warm instance"; do
+  step "imagefn invoke hello-event --data '{\"name\":\"imagefn\"}'   # $call"
+  t0=$(date +%s%N)
+  "$IMAGEFN" invoke hello-event --data '{"name":"imagefn"}'
+  echo "($(ms_since "$t0") ms, CLI start-up included)"
+done
+
+step "web function: POST $GATEWAY/web/web-app/items"
+curl -sS -i -X POST -H 'Content-Type: application/json' \
+  --data '{"title":"try imagefn"}' "$GATEWAY/web/web-app/items"
+echo
+step "web function: GET $GATEWAY/web/web-app/items"
+curl -sS -i "$GATEWAY/web/web-app/items"
+echo
+step "web function: GET $GATEWAY/web/web-app/echo?x=1"
+curl -sS -i "$GATEWAY/web/web-app/echo?x=1"
+echo
+
+step "imagefn ls"
+"$IMAGEFN" ls
+
+cat <<MSG
+
+==> imagefn is running at $GATEWAY
+    platform log:   $STATE/up.log
+    CLI:            $IMAGEFN --help   (deploy, invoke, ls, rm)
+    stop it:        deploy/stop.sh
+    read next:      docs/user-guide.md, examples/README.md
+MSG

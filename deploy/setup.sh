@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Prepares a Debian 12 machine (fresh, or already set up) to run and test imagefn:
+# system packages, the Docker engine, Redis, the Python venv, and every local image.
+# Idempotent: a second run finds everything in place and takes a few seconds.
+# Runs as root; no systemd is assumed (daemons are started in the background).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+REDIS_PORT=6379
+REDIS_DIR=/var/lib/imagefn-redis
+DOCKERD_LOG=/var/log/imagefn-dockerd.log
+
+step() { echo "==> $*"; }
+die() { echo "setup: $*" >&2; exit 1; }
+
+# wait_for SECONDS CMD...: retry CMD every half second until it succeeds.
+wait_for() {
+  local deadline=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.5
+  done
+}
+
+# --- system packages ---------------------------------------------------------------
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+missing=()
+for pkg in docker.io redis-server debootstrap busybox-static curl python3 python3-venv; do
+  installed "$pkg" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  [ "$(id -u)" -eq 0 ] || die "must run as root to install: ${missing[*]}"
+  step "installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+# --- Docker engine -----------------------------------------------------------------
+if ! docker info >/dev/null 2>&1; then
+  step "starting dockerd (log: $DOCKERD_LOG)"
+  # A pid file left by a dockerd that died would stop the new one from starting.
+  if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
+    rm -f /var/run/docker.pid
+  fi
+  setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
+  wait_for 60 docker info || { tail -n 20 "$DOCKERD_LOG" >&2; die "dockerd did not answer within 60 s"; }
+fi
+
+# --- Redis ---------------------------------------------------------------------------
+if ! [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; then
+  step "starting Redis on 127.0.0.1:$REDIS_PORT"
+  mkdir -p "$REDIS_DIR"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
+    --save '' --appendonly no --dir "$REDIS_DIR" >/dev/null
+  wait_for 20 redis-cli -p "$REDIS_PORT" ping || die "Redis did not answer on port $REDIS_PORT"
+fi
+
+# --- Python venv -------------------------------------------------------------------
+STAMP=.venv/.imagefn-installed
+if ! .venv/bin/python -c '' 2>/dev/null; then
+  step "creating .venv"
+  rm -rf .venv
+  python3 -m venv .venv
+fi
+if [ ! -x .venv/bin/imagefn ] || [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  step "installing imagefn and its dev tools into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+  touch "$STAMP"
+fi
+
+# --- images ------------------------------------------------------------------------
+step "building images"
+bash deploy/build-base-image.sh
+build() {  # build NAME DIR; the output is shown only when the build fails
+  local out
+  out="$(docker build -q -t "$1" "$2" 2>&1)" || { echo "$out" >&2; die "building $1 failed"; }
+  echo "    $1"
+}
+for dir in examples/*/ tests/images/*/; do
+  [ -f "$dir/Dockerfile" ] || continue
+  case "$dir" in
+    examples/*) build "imagefn-examples/$(basename "$dir"):latest" "$dir" ;;
+    tests/images/*) build "imagefn-test/$(basename "$dir"):latest" "$dir" ;;
+  esac
+done
+step "setup done"

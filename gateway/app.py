@@ -1,0 +1,129 @@
+"""Builds the gateway's aiohttp application. Running it is the caller's business
+(``cli`` uses an ``AppRunner``; tests use the aiohttp test server).
+
+Each resource gets one ``cleanup_ctx`` generator: set up, yield, tear down — in reverse
+order, and only for what started.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from importlib import resources
+
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from gateway import functions, invoke
+from gateway.context import IMAGES, QUEUE, REDIS, REGISTRY, SETTINGS
+from gateway.errors import Handler, error_response, http_exception_to_error, log
+from gateway.images import ImageResolver, LocalImageResolver, UncheckedImageResolver
+from shared.errors import ImagefnError, InternalError, ServiceUnavailable
+from shared.http import REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER
+from shared.keys import Keys
+from shared.queue.base import InvocationQueue
+from shared.queue.redis_streams import RedisStreamsQueue
+from shared.registry import FunctionRegistry
+from shared.settings import Settings
+
+# A caller may name its own request id (to trace it end to end); anything else is
+# replaced, since the id lands in headers and log lines.
+CALLER_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = given if CALLER_REQUEST_ID.match(given) else str(uuid.uuid4())
+    request["request_id"] = request_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    max_body = request.app[SETTINGS].gateway.max_body_bytes
+    try:
+        if request.content_length is not None and request.content_length > max_body:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=max_body, actual_size=request.content_length
+            )
+        response = await handler(request)
+    except ImagefnError as e:
+        if e.http_status >= 500:
+            log.warning("request_failed", error=e.type_name, reason=e.message)
+        return error_response(e, request_id)
+    except web.HTTPException as e:
+        return error_response(http_exception_to_error(e, max_body), request_id)
+    except Exception:
+        log.exception("request_crashed")
+        return error_response(InternalError("internal error; see the gateway log"), request_id)
+    response.headers.setdefault(REQUEST_ID_HEADER, request_id)
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    try:
+        await request.app[REDIS].ping()
+    except RedisError as e:
+        raise ServiceUnavailable(f"Redis unavailable: {e}") from e
+    return web.json_response({"status": "ok"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    text = resources.files("gateway").joinpath("openapi.yaml").read_text()
+    return web.Response(text=text, content_type="application/yaml")
+
+
+def build_app(
+    settings: Settings,
+    *,
+    queue: InvocationQueue | None = None,
+    images: ImageResolver | None = None,
+) -> web.Application:
+    """The gateway application. ``queue``/``images`` override the real ones (tests)."""
+    app = web.Application(
+        client_max_size=settings.gateway.max_body_bytes, middlewares=[request_context]
+    )
+    app[SETTINGS] = settings
+
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        client = aioredis.Redis.from_url(settings.redis.url)
+        app[REDIS] = client
+        app[REGISTRY] = FunctionRegistry(client, Keys(settings.queue.prefix))
+        yield
+        await client.aclose()
+
+    async def queue_ctx(app: web.Application) -> AsyncIterator[None]:
+        q = queue or RedisStreamsQueue(app[REDIS], settings.queue)
+        await q.open()
+        app[QUEUE] = q
+        yield
+        await q.close()
+
+    async def images_ctx(app: web.Application) -> AsyncIterator[None]:
+        resolver: ImageResolver
+        if images is not None:
+            resolver = images
+        elif settings.gateway.check_images:
+            resolver = LocalImageResolver(settings.worker.docker_url)
+        else:
+            resolver = UncheckedImageResolver()
+        app[IMAGES] = resolver
+        yield
+        await resolver.close()
+
+    app.cleanup_ctx.extend([redis_ctx, queue_ctx, images_ctx])
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.yaml", openapi)
+    app.router.add_routes(functions.routes)
+    app.router.add_routes(invoke.routes)
+    invoke.add_web_routes(app)
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        rid = request.get("request_id")
+        if rid:
+            response.headers.setdefault(REQUEST_ID_HEADER, rid)
+            response.headers.setdefault(SCF_REQUEST_ID_HEADER, rid)
+
+    app.on_response_prepare.append(on_prepare)
+    return app

@@ -1,0 +1,17 @@
+"""Typed application state of the gateway (aiohttp AppKeys)."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from gateway.images import ImageResolver
+from shared.queue.base import InvocationQueue
+from shared.registry import FunctionRegistry
+from shared.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", aioredis.Redis)
+QUEUE = web.AppKey("queue", InvocationQueue)
+REGISTRY = web.AppKey("registry", FunctionRegistry)
+IMAGES = web.AppKey("images", ImageResolver)

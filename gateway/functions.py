@@ -1,0 +1,74 @@
+"""Control API: create/replace, read, list and delete function specs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from gateway.context import IMAGES, REGISTRY
+from gateway.errors import log
+from shared.errors import InvalidRequest, InvalidSpec
+from shared.spec import parse_spec
+
+routes = web.RouteTableDef()
+
+
+async def _document(request: web.Request) -> Any:
+    raw = await request.read()
+    ctype = request.content_type or ""
+    try:
+        if "yaml" in ctype:
+            return yaml.safe_load(raw.decode("utf-8"))
+        return json.loads(raw or b"null")
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as e:
+        kind = "YAML" if "yaml" in ctype else "JSON"
+        raise InvalidRequest(f"request body is not valid {kind}: {e}") from None
+
+
+@routes.get("/v1/functions")
+async def list_functions(request: web.Request) -> web.Response:
+    records = await request.app[REGISTRY].list()
+    return web.json_response({"functions": [r.to_dict() for r in records]})
+
+
+@routes.put("/v1/functions/{name}")
+async def put_function(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    doc = await _document(request)
+    if isinstance(doc, dict):
+        if "name" not in doc:
+            doc = {"name": name, **doc}
+        elif doc["name"] != name:
+            raise InvalidSpec({"name": f"{doc['name']!r} does not match the URL's {name!r}"})
+    try:
+        spec = parse_spec(doc)
+    except InvalidSpec as bad:
+        # Name every bad field in one answer, the image included.
+        image = doc.get("image") if isinstance(doc, dict) else None
+        if "image" not in bad.fields and isinstance(image, str):
+            try:
+                await request.app[IMAGES].resolve(image)
+            except InvalidSpec as bad_image:
+                raise InvalidSpec({**bad.fields, **bad_image.fields}) from None
+        raise
+    image_id = await request.app[IMAGES].resolve(spec.image)
+    record, created = await request.app[REGISTRY].put(spec, image_id)
+    log.info("function_deployed", function=name, revision=record.revision, image_id=image_id)
+    return web.json_response(record.to_dict(), status=201 if created else 200)
+
+
+@routes.get("/v1/functions/{name}")
+async def get_function(request: web.Request) -> web.Response:
+    record = await request.app[REGISTRY].get(request.match_info["name"])
+    return web.json_response(record.to_dict())
+
+
+@routes.delete("/v1/functions/{name}")
+async def delete_function(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await request.app[REGISTRY].delete(name)
+    log.info("function_deleted", function=name)
+    return web.Response(status=204)

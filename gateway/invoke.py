@@ -1,0 +1,138 @@
+"""Invocation endpoints: events (``POST /v1/functions/{name}/invoke``) and web requests
+(any method under ``/web/{name}/...``). Both put an invocation on the queue and wait for
+its result up to the function's timeout (plus its init timeout, for a cold start)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from aiohttp import web
+
+from gateway.context import QUEUE, REGISTRY, SETTINGS
+from shared.errors import FunctionTimeout, InvalidRequest, error_from_dict
+from shared.http import REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER, strip_hop_by_hop
+from shared.messages import Invocation, InvocationResult
+from shared.spec import FunctionRecord
+
+routes = web.RouteTableDef()
+
+WEB_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _wait_s(request: web.Request, record: FunctionRecord) -> float:
+    spec = record.spec
+    return spec.timeout_s + spec.init_timeout_s + request.app[SETTINGS].gateway.result_grace_s
+
+
+async def _call(request: web.Request, inv: Invocation, wait_s: float) -> InvocationResult:
+    result = await request.app[QUEUE].call(inv, wait_s)
+    if result is None:
+        raise FunctionTimeout(
+            f"no result for {inv.function} within {wait_s:g} s "
+            "(function timeout + init timeout + queueing grace); is a worker running?"
+        )
+    if result.error is not None:
+        err = error_from_dict(result.error)
+        err.details.setdefault("instance", result.instance)
+        raise err
+    return result
+
+
+def _platform_headers(request_id: str, result: InvocationResult) -> dict[str, str]:
+    headers = {
+        REQUEST_ID_HEADER: request_id,
+        SCF_REQUEST_ID_HEADER: request_id,
+        "X-Imagefn-Instance": result.instance,
+        "X-Imagefn-Cold-Start": "true" if result.cold_start else "false",
+    }
+    if result.timings:
+        # Server-Timing shows up in browsers' dev tools; durations are in milliseconds.
+        headers["Server-Timing"] = ", ".join(
+            f"{k};dur={v * 1000:.3f}" for k, v in result.timings.items()
+        )
+    return headers
+
+
+@routes.post("/v1/functions/{name}/invoke")
+async def invoke_event(request: web.Request) -> web.Response:
+    record = await request.app[REGISTRY].get(request.match_info["name"])
+    if record.spec.type != "event":
+        raise InvalidRequest(
+            f"{record.spec.name} is a web function; call it under /web/{record.spec.name}/"
+        )
+    body = await request.read()
+    if body.strip():
+        try:
+            json.loads(body)
+        except ValueError as e:
+            raise InvalidRequest(f"event body is not valid JSON: {e}") from None
+    else:
+        body = b"{}"
+    request_id: str = request["request_id"]
+    wait_s = _wait_s(request, record)
+    inv = Invocation(
+        request_id=request_id,
+        record=record,
+        kind="event",
+        body=body,
+        deadline=time.time() + wait_s,
+        reply_to=request.app[QUEUE].reply_address(),
+    )
+    result = await _call(request, inv, wait_s)
+    ctype = next((v for k, v in result.headers if k.lower() == "content-type"), None)
+    headers = _platform_headers(request_id, result)
+    if ctype:
+        headers["Content-Type"] = ctype
+    return web.Response(status=result.status, body=result.body, headers=headers)
+
+
+async def invoke_web(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    record = await request.app[REGISTRY].get(name)
+    if record.spec.type != "web":
+        raise InvalidRequest(
+            f"{name} is an event function; invoke it with POST /v1/functions/{name}/invoke"
+        )
+    # The function sees the path after /web/{name}, still percent-encoded as sent.
+    raw_path = request.rel_url.raw_path
+    prefix = f"/web/{name}"
+    path = raw_path[len(prefix) :] if raw_path.startswith(prefix) else "/"
+    if not path.startswith("/"):
+        path = "/" + path
+    headers = strip_hop_by_hop(request.headers.items())
+    peer = request.remote or ""
+    headers += [
+        # The function sees the Host the caller used, as behind any reverse proxy.
+        ("Host", request.host),
+        ("X-Forwarded-For", peer),
+        ("X-Forwarded-Host", request.host),
+        ("X-Forwarded-Proto", request.scheme),
+    ]
+    request_id: str = request["request_id"]
+    wait_s = _wait_s(request, record)
+    inv = Invocation(
+        request_id=request_id,
+        record=record,
+        kind="web",
+        method=request.method,
+        path=path,
+        query=request.rel_url.raw_query_string,
+        headers=headers,
+        body=await request.read(),
+        deadline=time.time() + wait_s,
+        reply_to=request.app[QUEUE].reply_address(),
+    )
+    result = await _call(request, inv, wait_s)
+    resp = web.Response(status=result.status, body=result.body)
+    for k, v in strip_hop_by_hop(result.headers):
+        if k.lower() not in ("date", "server"):
+            resp.headers.add(k, v)
+    resp.headers.update(_platform_headers(request_id, result))
+    return resp
+
+
+def add_web_routes(app: web.Application) -> None:
+    for pattern in ("/web/{name}", "/web/{name}/{tail:.*}"):
+        for method in WEB_METHODS:
+            app.router.add_route(method, pattern, invoke_web)

@@ -1,0 +1,38 @@
+"""Every Redis key name imagefn uses, in one place."""
+
+from __future__ import annotations
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    @property
+    def functions(self) -> str:
+        """Hash: function name → FunctionRecord JSON."""
+        return f"{self.prefix}:functions"
+
+    @property
+    def revisions(self) -> str:
+        """Hash: function name → last revision number handed out (survives deletes, so
+        revisions only grow)."""
+        return f"{self.prefix}:revisions"
+
+    @property
+    def invocations(self) -> str:
+        """Stream of pending invocations, read by the ``workers`` consumer group."""
+        return f"{self.prefix}:invocations"
+
+    workers_group = "workers"
+
+    def replies(self, gateway_id: str) -> str:
+        """Stream of results for one gateway process."""
+        return f"{self.prefix}:replies:{gateway_id}"
+
+    def worker_heartbeat(self, worker_id: str) -> str:
+        """String with a TTL: present while the worker is alive."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def worker_heartbeat_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"

@@ -1,0 +1,125 @@
+"""Wire formats that cross the queue: an invocation and its result.
+
+Both travel as two fields: ``m`` (JSON metadata) and ``b`` (the raw body bytes), so bodies
+of any content type cross unchanged and are never base64-inflated.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import ImagefnError, error_from_dict
+from shared.spec import FunctionRecord
+
+Headers = list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Invocation:
+    request_id: str
+    record: FunctionRecord
+    # "event" → POST /event-invoke; "web" → the caller's own request, forwarded.
+    kind: str
+    method: str = "POST"
+    path: str = "/event-invoke"
+    query: str = ""
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+    # Wall-clock time after which nobody waits for the result any more.
+    deadline: float = 0.0
+    enqueued_at: float = field(default_factory=time.time)
+    # Where the result goes back to (the waiting gateway's reply channel).
+    reply_to: str = ""
+    version: str = "$LATEST"
+
+    @property
+    def function(self) -> str:
+        return self.record.spec.name
+
+    def encode(self) -> dict[str, bytes]:
+        meta = {
+            "request_id": self.request_id,
+            "record": self.record.to_dict(),
+            "kind": self.kind,
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "headers": self.headers,
+            "deadline": self.deadline,
+            "enqueued_at": self.enqueued_at,
+            "reply_to": self.reply_to,
+            "version": self.version,
+        }
+        return {"m": json.dumps(meta, separators=(",", ":")).encode(), "b": self.body}
+
+    @classmethod
+    def decode(cls, fields: dict[bytes, bytes]) -> Invocation:
+        meta = json.loads(fields[b"m"])
+        return cls(
+            request_id=meta["request_id"],
+            record=FunctionRecord.from_dict(meta["record"]),
+            kind=meta["kind"],
+            method=meta["method"],
+            path=meta["path"],
+            query=meta["query"],
+            headers=[(str(k), str(v)) for k, v in meta["headers"]],
+            body=fields.get(b"b", b""),
+            deadline=float(meta["deadline"]),
+            enqueued_at=float(meta["enqueued_at"]),
+            reply_to=meta["reply_to"],
+            version=meta.get("version", "$LATEST"),
+        )
+
+
+@dataclass(frozen=True)
+class InvocationResult:
+    request_id: str
+    status: int = 200
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+    # Set when the platform (not the function's HTTP answer) decides the outcome.
+    error: dict[str, Any] | None = None
+    instance: str = ""
+    worker: str = ""
+    cold_start: bool = False
+    # Seconds spent in each phase (queue, create, start, ready, run, ...).
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def failure(cls, request_id: str, err: ImagefnError, **kw: Any) -> InvocationResult:
+        return cls(request_id=request_id, status=err.http_status, error=err.to_dict(), **kw)
+
+    def raise_for_error(self) -> None:
+        if self.error is not None:
+            raise error_from_dict(self.error)
+
+    def encode(self) -> dict[str, bytes]:
+        meta = {
+            "request_id": self.request_id,
+            "status": self.status,
+            "headers": self.headers,
+            "error": self.error,
+            "instance": self.instance,
+            "worker": self.worker,
+            "cold_start": self.cold_start,
+            "timings": self.timings,
+        }
+        return {"m": json.dumps(meta, separators=(",", ":")).encode(), "b": self.body}
+
+    @classmethod
+    def decode(cls, fields: dict[bytes, bytes]) -> InvocationResult:
+        meta = json.loads(fields[b"m"])
+        return cls(
+            request_id=meta["request_id"],
+            status=int(meta["status"]),
+            headers=[(str(k), str(v)) for k, v in meta["headers"]],
+            body=fields.get(b"b", b""),
+            error=meta.get("error"),
+            instance=meta.get("instance", ""),
+            worker=meta.get("worker", ""),
+            cold_start=bool(meta.get("cold_start", False)),
+            timings={str(k): float(v) for k, v in meta.get("timings", {}).items()},
+        )

@@ -1,0 +1,102 @@
+"""In-memory queue backend, for unit tests only: one process, no durability.
+
+It keeps the interface's promises within a process (claims, reclaim after idle time,
+results delivered before acknowledgement) so worker and gateway logic can be tested
+without Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass
+
+from shared.messages import Invocation, InvocationResult
+from shared.queue.base import Delivery, InvocationQueue
+
+
+@dataclass
+class _Pending:
+    invocation: Invocation
+    consumer: str
+    claimed_at: float
+    attempt: int
+
+
+class MemoryQueue(InvocationQueue):
+    def __init__(self, reclaim_idle_s: float = 15.0) -> None:
+        self._reclaim_idle_s = reclaim_idle_s
+        self._new: asyncio.Queue[tuple[str, Invocation]] = asyncio.Queue()
+        self._pending: dict[str, _Pending] = {}
+        self._waiters: dict[str, asyncio.Future[InvocationResult]] = {}
+        self._ids = itertools.count(1)
+        self.results: list[InvocationResult] = []
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for fut in self._waiters.values():
+            fut.cancel()
+        self._waiters.clear()
+
+    async def publish(self, invocation: Invocation) -> None:
+        await self._new.put((str(next(self._ids)), invocation))
+
+    def reply_address(self) -> str:
+        return "memory"
+
+    async def call(self, invocation: Invocation, timeout_s: float) -> InvocationResult | None:
+        fut: asyncio.Future[InvocationResult] = asyncio.get_running_loop().create_future()
+        self._waiters[invocation.request_id] = fut
+        try:
+            await self.publish(invocation)
+            return await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            self._waiters.pop(invocation.request_id, None)
+
+    async def consume(self, consumer: str, max_count: int, block_s: float) -> list[Delivery]:
+        out: list[Delivery] = []
+        try:
+            receipt, inv = await asyncio.wait_for(self._new.get(), block_s)
+        except TimeoutError:
+            return out
+        while True:
+            self._pending[receipt] = _Pending(inv, consumer, time.monotonic(), 1)
+            out.append(Delivery(inv, receipt, 1))
+            if len(out) >= max_count or self._new.empty():
+                return out
+            receipt, inv = self._new.get_nowait()
+
+    async def reclaim(self, consumer: str, max_count: int) -> list[Delivery]:
+        now = time.monotonic()
+        out: list[Delivery] = []
+        for receipt, p in self._pending.items():
+            if len(out) >= max_count:
+                break
+            if now - p.claimed_at >= self._reclaim_idle_s:
+                p.consumer, p.claimed_at, p.attempt = consumer, now, p.attempt + 1
+                out.append(Delivery(p.invocation, receipt, p.attempt))
+        return out
+
+    async def keep_alive(self, consumer: str, deliveries: list[Delivery]) -> None:
+        now = time.monotonic()
+        for d in deliveries:
+            p = self._pending.get(d.receipt)
+            if p is not None:
+                p.consumer, p.claimed_at = consumer, now
+
+    async def finish(self, delivery: Delivery, result: InvocationResult | None) -> None:
+        if result is not None:
+            self.results.append(result)
+            fut = self._waiters.get(result.request_id)
+            if fut is not None and not fut.done():
+                fut.set_result(result)
+        self._pending.pop(delivery.receipt, None)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending) + self._new.qsize()

@@ -1,0 +1,231 @@
+"""Redis Streams backend of the invocation queue.
+
+* Invocations: one stream (``{prefix}:invocations``) read by the consumer group
+  ``workers``. Each worker is a consumer; Redis remembers which worker holds which entry
+  (the pending entries list), which is what makes takeover after a crash possible.
+* Claims: a worker refreshes its claims with ``XCLAIM ... JUSTID`` every few seconds; an
+  entry idle longer than ``reclaim_idle_ms`` belongs to a dead worker and ``XAUTOCLAIM``
+  moves it to a live one.
+* Results: each gateway process owns a reply stream (``{prefix}:replies:{id}``) and one
+  reader task that blocks on it and completes the waiting requests' futures. A worker
+  writes the result and acknowledges (XACK + XDEL) in one pipelined round trip, result
+  first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError, ResponseError
+
+from shared.errors import ServiceUnavailable
+from shared.keys import Keys
+from shared.messages import Invocation, InvocationResult
+from shared.queue.base import Delivery, InvocationQueue
+from shared.settings import QueueSettings
+
+log = structlog.get_logger("imagefn.queue")
+
+# Results kept per reply stream; a gateway reads them within milliseconds, so this only
+# bounds what a gateway that died leaves behind until the key expires.
+REPLY_STREAM_MAXLEN = 10_000
+# An invocation handed out this many times has crashed workers repeatedly; stop retrying.
+MAX_ATTEMPTS = 5
+
+
+StreamEntries = list[tuple[Any, dict[bytes, bytes]]]
+
+
+def _stream_entries(resp: Any) -> list[tuple[Any, StreamEntries]]:
+    """XREAD/XREADGROUP answers (RESP2: a list of [stream, entries]) as typed pairs."""
+    return list(resp or [])
+
+
+class RedisStreamsQueue(InvocationQueue):
+    def __init__(self, client: aioredis.Redis, settings: QueueSettings) -> None:
+        self._r = client
+        self._s = settings
+        self._keys = Keys(settings.prefix)
+        self._gateway_id = uuid.uuid4().hex
+        self._reply_key = self._keys.replies(self._gateway_id)
+        self._waiters: dict[str, asyncio.Future[InvocationResult]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._group_ready = False
+        self._closed = False
+
+    async def open(self) -> None:
+        await self._ensure_group()
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            # Start at 0 so invocations published before any worker existed are still run.
+            await self._r.xgroup_create(
+                self._keys.invocations, self._keys.workers_group, id="0", mkstream=True
+            )
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError):
+                await self._reader
+            self._reader = None
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.cancel()
+        self._waiters.clear()
+
+    # -- producer side -------------------------------------------------------------------
+
+    async def publish(self, invocation: Invocation) -> None:
+        try:
+            await self._r.xadd(self._keys.invocations, invocation.encode())  # type: ignore[arg-type]
+        except RedisError as e:
+            raise ServiceUnavailable(f"queue unavailable: {e}") from e
+
+    def reply_address(self) -> str:
+        return self._reply_key
+
+    async def call(self, invocation: Invocation, timeout_s: float) -> InvocationResult | None:
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_replies(), name="queue-reply-reader")
+        fut: asyncio.Future[InvocationResult] = asyncio.get_running_loop().create_future()
+        # Register before publishing: a fast worker may answer before publish returns.
+        self._waiters[invocation.request_id] = fut
+        try:
+            await self.publish(invocation)
+            return await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            self._waiters.pop(invocation.request_id, None)
+
+    async def _read_replies(self) -> None:
+        last_id = "0"
+        backoff_s = 0.1
+        while not self._closed:
+            try:
+                resp = await self._r.xread({self._reply_key: last_id}, count=256, block=5000)
+                backoff_s = 0.1
+            except RedisError as e:
+                log.warning("reply_reader_error", error=str(e))
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+                continue
+            for _stream, entries in _stream_entries(resp):
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    try:
+                        result = InvocationResult.decode(fields)
+                    except (KeyError, ValueError) as e:
+                        log.error("reply_undecodable", entry=entry_id, error=str(e))
+                        continue
+                    fut = self._waiters.get(result.request_id)
+                    if fut is not None and not fut.done():
+                        fut.set_result(result)
+
+    # -- consumer side -------------------------------------------------------------------
+
+    def _delivery(self, entry_id: Any, fields: dict[bytes, bytes], attempt: int) -> Delivery:
+        receipt = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        return Delivery(Invocation.decode(fields), receipt=receipt, attempt=attempt)
+
+    async def consume(self, consumer: str, max_count: int, block_s: float) -> list[Delivery]:
+        await self._ensure_group()
+        resp = await self._r.xreadgroup(
+            self._keys.workers_group,
+            consumer,
+            {self._keys.invocations: ">"},
+            count=max_count,
+            block=max(1, int(block_s * 1000)),
+        )
+        out: list[Delivery] = []
+        for _stream, entries in _stream_entries(resp):
+            for entry_id, fields in entries:
+                delivery = await self._decode_or_drop(entry_id, fields, 1)
+                if delivery is not None:
+                    out.append(delivery)
+        return out
+
+    async def _decode_or_drop(
+        self, entry_id: Any, fields: dict[bytes, bytes] | None, attempt: int
+    ) -> Delivery | None:
+        if not fields:
+            return None
+        try:
+            return self._delivery(entry_id, fields, attempt)
+        except (KeyError, ValueError, TypeError) as e:
+            # Nobody can ever run an entry we cannot decode; keeping it would only make
+            # every worker trip over it again.
+            log.error("invocation_undecodable", entry=str(entry_id), error=str(e))
+            await self._ack(str(entry_id.decode() if isinstance(entry_id, bytes) else entry_id))
+            return None
+
+    async def reclaim(self, consumer: str, max_count: int) -> list[Delivery]:
+        await self._ensure_group()
+        resp = await self._r.xautoclaim(
+            self._keys.invocations,
+            self._keys.workers_group,
+            consumer,
+            min_idle_time=self._s.reclaim_idle_ms,
+            start_id="0-0",
+            count=max_count,
+        )
+        entries = resp[1] if resp else []
+        out: list[Delivery] = []
+        for entry_id, fields in entries:
+            attempt = await self._attempts(entry_id)
+            delivery = await self._decode_or_drop(entry_id, fields, attempt)
+            if delivery is not None:
+                out.append(delivery)
+        return out
+
+    async def _attempts(self, entry_id: Any) -> int:
+        pending = await self._r.xpending_range(
+            self._keys.invocations, self._keys.workers_group, entry_id, entry_id, 1
+        )
+        return int(pending[0]["times_delivered"]) if pending else 1
+
+    async def keep_alive(self, consumer: str, deliveries: list[Delivery]) -> None:
+        if not deliveries:
+            return
+        await self._r.xclaim(
+            self._keys.invocations,
+            self._keys.workers_group,
+            consumer,
+            min_idle_time=0,
+            message_ids=[d.receipt for d in deliveries],
+            justid=True,
+        )
+
+    async def finish(self, delivery: Delivery, result: InvocationResult | None) -> None:
+        reply_to = delivery.invocation.reply_to
+        async with self._r.pipeline(transaction=False) as pipe:
+            if result is not None and reply_to:
+                pipe.xadd(
+                    reply_to,
+                    result.encode(),  # type: ignore[arg-type]
+                    maxlen=REPLY_STREAM_MAXLEN,
+                    approximate=True,
+                )
+                pipe.expire(reply_to, self._s.reply_ttl_s)
+            pipe.xack(self._keys.invocations, self._keys.workers_group, delivery.receipt)
+            pipe.xdel(self._keys.invocations, delivery.receipt)
+            await pipe.execute()
+
+    async def _ack(self, receipt: str) -> None:
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.xack(self._keys.invocations, self._keys.workers_group, receipt)
+            pipe.xdel(self._keys.invocations, receipt)
+            await pipe.execute()

@@ -1,0 +1,203 @@
+"""Function specs: what a user deploys, and the strict validation every spec passes.
+
+Validation collects every problem before failing so that a user fixes a spec in one round.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from shared.errors import InvalidSpec
+
+FunctionType = Literal["event", "web"]
+
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,59}$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# The contract: environment at most 4 KB inside the instance.
+MAX_ENV_BYTES = 4096
+# Variables the platform itself sets; a user may not override them.
+RESERVED_ENV_PREFIXES = ("SCF_", "IMAGEFN_")
+
+# (minimum, maximum) of every numeric field.
+RANGES: dict[str, tuple[float, float]] = {
+    "memory_mb": (64, 16384),
+    "cpus": (0.05, 16),
+    "timeout_s": (1, 900),
+    "init_timeout_s": (1, 300),
+    "idle_ttl_s": (1, 86400),
+    "max_instances": (1, 1000),
+}
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    name: str
+    image: str
+    type: FunctionType = "event"
+    command: tuple[str, ...] | None = None
+    args: tuple[str, ...] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    memory_mb: int = 512
+    cpus: float = 1.0
+    timeout_s: float = 3.0
+    init_timeout_s: float = 30.0
+    idle_ttl_s: float = 300.0
+    max_instances: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["command"] = list(self.command) if self.command is not None else None
+        d["args"] = list(self.args) if self.args is not None else None
+        return d
+
+
+@dataclass(frozen=True)
+class FunctionRecord:
+    """A deployed function: the user's spec plus what the platform resolved at deploy."""
+
+    spec: FunctionSpec
+    # The local image id the tag resolved to at deploy; instances run exactly this.
+    image_id: str
+    revision: int
+    created_at: float
+    updated_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.spec.to_dict(),
+            "image_id": self.image_id,
+            "revision": self.revision,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FunctionRecord:
+        fields_ = {k: v for k, v in d.items() if k in SPEC_FIELDS}
+        return cls(
+            spec=parse_spec(fields_),
+            image_id=str(d["image_id"]),
+            revision=int(d["revision"]),
+            created_at=float(d["created_at"]),
+            updated_at=float(d["updated_at"]),
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> FunctionRecord:
+        return cls.from_dict(json.loads(raw))
+
+
+SPEC_FIELDS = frozenset(FunctionSpec.__dataclass_fields__)
+
+
+def _str_list(value: Any, key: str, errors: dict[str, str]) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        # A lone string is the common mistake; say how to write it instead of guessing.
+        errors[key] = 'must be a list of strings, e.g. ["python3", "app.py"]'
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        errors[key] = "must be a list of strings"
+        return None
+    if key == "command" and (not value or not value[0]):
+        errors[key] = "must not be empty when given"
+        return None
+    return tuple(value)
+
+
+def _number(value: Any, key: str, integer: bool, errors: dict[str, str]) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        errors[key] = "must be an integer" if integer else "must be a number"
+        return None
+    if integer and isinstance(value, float) and not value.is_integer():
+        errors[key] = "must be an integer"
+        return None
+    low, high = RANGES[key]
+    if not low <= value <= high:
+        errors[key] = f"must be between {low:g} and {high:g}"
+        return None
+    return value
+
+
+def _env(value: Any, errors: dict[str, str]) -> dict[str, str]:
+    if not isinstance(value, dict):
+        errors["env"] = "must be a mapping of names to string values"
+        return {}
+    bad = [k for k in value if not isinstance(k, str) or not ENV_KEY_RE.match(k)]
+    if bad:
+        errors["env"] = f"invalid variable names: {', '.join(map(str, bad))}"
+        return {}
+    non_str = [k for k, v in value.items() if not isinstance(v, str)]
+    if non_str:
+        errors["env"] = f"values must be strings: {', '.join(non_str)}"
+        return {}
+    reserved = [k for k in value if k.startswith(RESERVED_ENV_PREFIXES)]
+    if reserved:
+        errors["env"] = f"reserved names (SCF_*, IMAGEFN_*): {', '.join(reserved)}"
+        return {}
+    size = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in value.items())
+    if size > MAX_ENV_BYTES:
+        errors["env"] = f"is {size} bytes; at most {MAX_ENV_BYTES} bytes in total"
+        return {}
+    return dict(value)
+
+
+def parse_spec(data: Any) -> FunctionSpec:
+    """Validate a decoded spec document; raise InvalidSpec naming every bad field."""
+    if not isinstance(data, dict):
+        raise InvalidSpec({"<document>": "must be a mapping of spec fields"})
+    errors: dict[str, str] = {}
+    for key in data:
+        if key not in SPEC_FIELDS:
+            errors[str(key)] = "unknown field"
+
+    name = data.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        errors["name"] = (
+            "required; 1-60 characters, letters, digits, '-' and '_', starting with a letter"
+        )
+    image = data.get("image")
+    if not isinstance(image, str) or not image.strip() or any(c.isspace() for c in image):
+        errors["image"] = "required; an image reference such as repo/name:tag"
+    ftype = data.get("type", "event")
+    if ftype not in ("event", "web"):
+        errors["type"] = "must be 'event' or 'web'"
+
+    command = _str_list(data.get("command"), "command", errors)
+    args = _str_list(data.get("args"), "args", errors)
+    env = _env(data.get("env", {}), errors)
+
+    defaults = FunctionSpec(name="x", image="x")
+    numbers: dict[str, float] = {}
+    for key in RANGES:
+        if key in data:
+            integer = key in ("memory_mb", "max_instances")
+            got = _number(data[key], key, integer, errors)
+            if got is not None:
+                numbers[key] = got
+        else:
+            numbers[key] = getattr(defaults, key)
+
+    if errors:
+        raise InvalidSpec(errors)
+    return FunctionSpec(
+        name=str(name),
+        image=str(image),
+        type=ftype,
+        command=command,
+        args=args,
+        env=env,
+        memory_mb=int(numbers["memory_mb"]),
+        cpus=float(numbers["cpus"]),
+        timeout_s=float(numbers["timeout_s"]),
+        init_timeout_s=float(numbers["init_timeout_s"]),
+        idle_ttl_s=float(numbers["idle_ttl_s"]),
+        max_instances=int(numbers["max_instances"]),
+    )

@@ -1,0 +1,254 @@
+"""testfn: one SCF-style image that can provoke every failure mode of the image contract.
+
+Command-line arguments choose how the process starts (the platform passes them as Args):
+
+  serve (default)        event/web server on 0.0.0.0:9000, one request at a time
+  serve-threaded         the same, one thread per connection (concurrent web requests)
+  never-listen           print "starting" and never listen             -> PortBindingFailed
+  listen-localhost       listen on 127.0.0.1:9000 (a classic user mistake)
+  listen-8080            listen on 0.0.0.0:8080 instead of 9000
+  exit-at-start [CODE]   print "boom" to stderr and exit with CODE (default 1)
+  slow-start S           sleep S seconds, then serve                   -> InitContainerTimeout
+
+``POST /event-invoke`` takes a JSON event whose fields choose the behaviour, applied in
+this order (fields combine):
+
+  {"print": ["line", ...]}   print the lines to stdout
+  {"stderr": "text"}         write the text to stderr
+  {"alloc_mb": N}            allocate and touch N MiB until answering    -> OutOfMemory
+  {"sleep": S}               sleep S seconds                             -> FunctionTimeout
+  {"exit": CODE}             print a line and os._exit(CODE) mid-request -> UserProcessExited
+  {"close": true}            close the connection without answering, stay alive
+  {"headers": {"K": "V"}}    add response headers
+  {"size": N}                answer N bytes of "x"                       -> ResultTooLarge
+  {"status": N}              answer with status N instead of 200
+  {"body": B}                answer B instead of the description (str as text, else JSON)
+
+By default the answer is a JSON description of the process and request (pid, hostname,
+request id, headers, event, TEST_* environment, whether /tmp and / are writable).
+
+Any other method or path is a web echo: JSON with method, path, query, headers, body.
+Query parameters print, stderr, alloc_mb, sleep, exit, close, size, status and body act
+as above.
+"""
+
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+STATS_LOCK = threading.Lock()
+STATS = {"count": 0, "inflight": 0}
+
+
+def writable(directory: str) -> bool:
+    path = os.path.join(directory, f"testfn-probe-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(path, "w") as f:
+            f.write("x")
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Keep-alive responses written as headers then body stall ~40 ms on Nagle + delayed
+    # ACK: send segments at once and buffer the writes (flushed once per response).
+    disable_nagle_algorithm = True
+    wbufsize = -1
+
+    def do_POST(self) -> None:
+        if self.path == "/event-invoke":
+            self.invoke_event()
+        else:
+            self.web_echo()
+
+    def do_GET(self) -> None:
+        self.web_echo()
+
+    do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = do_GET
+
+    def invoke_event(self) -> None:
+        body = self.read_body()
+        try:
+            event = json.loads(body) if body else {}
+        except ValueError:
+            self.reply(400, {"error": "event is not JSON", "body": body.decode(errors="replace")})
+            return
+        spec = event if isinstance(event, dict) else {}
+        self.run(spec, lambda: self.describe(event=event))
+
+    def web_echo(self) -> None:
+        url = urlsplit(self.path)
+        query = parse_qs(url.query, keep_blank_values=True)
+        body = self.read_body()
+        try:
+            spec = self.spec_from_query(query)
+        except ValueError as e:
+            self.reply(400, {"error": f"bad query parameter: {e}"})
+            return
+        self.run(
+            spec,
+            lambda: {
+                "method": self.command,
+                "path": url.path,
+                "query": query,
+                "headers": dict(self.headers.items()),
+                "body": body.decode(errors="replace"),
+                "pid": os.getpid(),
+                "request_id": self.headers.get("X-Scf-Request-Id"),
+            },
+        )
+
+    @staticmethod
+    def spec_from_query(query: dict[str, list[str]]) -> dict[str, Any]:
+        types: dict[str, Any] = {
+            "sleep": float,
+            "exit": int,
+            "size": int,
+            "status": int,
+            "alloc_mb": int,
+            "stderr": str,
+            "body": str,
+            "close": lambda v: v not in ("", "0", "false"),
+        }
+        spec: dict[str, Any] = {k: types[k](v[-1]) for k, v in query.items() if k in types}
+        if "print" in query:
+            spec["print"] = query["print"]
+        return spec
+
+    def run(self, spec: dict[str, Any], describe: Callable[[], object]) -> None:
+        with STATS_LOCK:
+            STATS["count"] += 1
+            STATS["inflight"] += 1
+        try:
+            self.behave(spec, describe)
+        finally:
+            with STATS_LOCK:
+                STATS["inflight"] -= 1
+
+    def behave(self, spec: dict[str, Any], describe: Callable[[], object]) -> None:
+        for line in spec.get("print") or []:
+            print(line, flush=True)
+        if "stderr" in spec:
+            print(spec["stderr"], file=sys.stderr, flush=True)
+        ballast = b"\x01" * (int(spec.get("alloc_mb", 0)) << 20)  # filled, so really resident
+        if spec.get("sleep"):
+            time.sleep(float(spec["sleep"]))
+        if "exit" in spec:
+            print(f"testfn: exiting with code {spec['exit']} mid-request", flush=True)
+            os._exit(int(spec["exit"]))
+        if spec.get("close"):
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        del ballast
+        headers = spec.get("headers") or {}
+        if "size" in spec:
+            self.send(200, b"x" * int(spec["size"]), "text/plain", headers)
+            return
+        status = int(spec.get("status", 200))
+        body = spec["body"] if "body" in spec else describe()
+        if isinstance(body, str):
+            self.send(status, body.encode(), "text/plain", headers)
+        else:
+            self.send(status, json.dumps(body).encode(), "application/json", headers)
+
+    def describe(self, event: object) -> dict[str, Any]:
+        with STATS_LOCK:
+            stats = dict(STATS)
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "request_id": self.headers.get("X-Scf-Request-Id"),
+            "headers": dict(self.headers.items()),
+            "event": event,
+            "env": {k: v for k, v in os.environ.items() if k.startswith("TEST_")},
+            "argv": sys.argv[1:],
+            "count": stats["count"],  # requests this process has handled, this one included
+            "inflight": stats["inflight"],  # requests in progress now, this one included
+            "uid": os.getuid(),
+            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            "tmp_writable": writable("/tmp"),
+            "root_writable": writable("/"),
+        }
+
+    def read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return b"".join(chunks)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def reply(self, status: int, payload: object) -> None:
+        self.send(status, json.dumps(payload).encode(), "application/json", {})
+
+    def send(self, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name, str(value))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        print(f"testfn: {format % args}", file=sys.stderr, flush=True)
+
+
+def serve(host: str, port: int, server_class: type[HTTPServer] = HTTPServer) -> None:
+    server = server_class((host, port), Handler)
+    if isinstance(server, ThreadingHTTPServer):
+        server.daemon_threads = True
+    print(f"testfn listening on {host}:{port} pid {os.getpid()}", flush=True)
+    server.serve_forever()
+
+
+def main(argv: list[str]) -> None:
+    # As PID 1 the process ignores SIGTERM unless it handles it: stop at once.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    mode, args = (argv[0], argv[1:]) if argv else ("serve", [])
+    if mode == "serve":
+        serve("0.0.0.0", 9000)
+    elif mode == "serve-threaded":
+        serve("0.0.0.0", 9000, ThreadingHTTPServer)
+    elif mode == "never-listen":
+        print("starting", flush=True)
+        while True:
+            time.sleep(3600)
+    elif mode == "listen-localhost":
+        serve("127.0.0.1", 9000)
+    elif mode == "listen-8080":
+        serve("0.0.0.0", 8080)
+    elif mode == "exit-at-start":
+        print("boom", file=sys.stderr, flush=True)
+        sys.exit(int(args[0]) if args else 1)
+    elif mode == "slow-start":
+        delay_s = float(args[0]) if args else 10.0
+        print(f"starting slowly: serving in {delay_s} s", flush=True)
+        time.sleep(delay_s)
+        serve("0.0.0.0", 9000)
+    else:
+        print(f"testfn: unknown mode {mode!r}; see the docstring of testfn.py", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,111 @@
+"""The container pool's decisions, as pure functions of snapshots.
+
+Nothing here awaits, touches Docker or reads a clock: the pool passes the state in
+(``InstanceView``s, the current time) and acts on the answer. That keeps every rule
+testable in microseconds, the way OpenWhisk's container pool scheduling is tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from workers.instance import InstanceView, State
+
+
+@dataclass(frozen=True)
+class UseInstance:
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class StartInstance:
+    # Idle instances of other functions to remove first, to free memory.
+    evict: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Wait:
+    reason: str
+
+
+Decision = UseInstance | StartInstance | Wait
+
+
+def choose(
+    instances: Sequence[InstanceView],
+    *,
+    function: str,
+    revision: int,
+    memory_mb: int,
+    max_instances: int,
+    per_instance: int,
+    memory_capacity_mb: int,
+) -> Decision:
+    """Where the next invocation of ``function`` should run on this worker.
+
+    1. A warm instance of the same revision with a free slot; the most recently used one,
+       so that load concentrates and surplus instances reach their idle TTL.
+    2. Otherwise a new instance, if the function is under ``max_instances`` and memory
+       allows (evicting idle instances of other functions, least recently used first).
+    3. Otherwise wait for a slot.
+    """
+    mine = [v for v in instances if v.function == function and not v.retiring]
+    candidates = [
+        v
+        for v in mine
+        if v.revision == revision
+        and v.state in (State.READY, State.BUSY)
+        and v.inflight < per_instance
+    ]
+    if candidates:
+        # Pack onto instances already serving (web concurrency), then the most recently
+        # used, so that surplus instances go idle and reach their TTL.
+        best = max(candidates, key=lambda v: (v.inflight, v.last_used))
+        return UseInstance(best.id)
+
+    live_mine = [v for v in mine if v.state not in (State.STOPPING, State.GONE)]
+    if len(live_mine) >= max_instances:
+        return Wait(f"function has {len(live_mine)} of {max_instances} instances busy")
+
+    used = sum(v.memory_mb for v in instances if v.state is not State.GONE)
+    free = memory_capacity_mb - used
+    if free >= memory_mb:
+        return StartInstance()
+    evict: list[str] = []
+    for v in sorted(evictable(instances, function), key=lambda v: v.last_used):
+        evict.append(v.id)
+        free += v.memory_mb
+        if free >= memory_mb:
+            return StartInstance(evict=tuple(evict))
+    return Wait(f"worker memory full ({used} of {memory_capacity_mb} MiB in use)")
+
+
+def evictable(instances: Iterable[InstanceView], for_function: str) -> list[InstanceView]:
+    """Idle instances that may be removed to make room: any other function's idle ones,
+    and this function's idle instances of an older revision."""
+    return [
+        v
+        for v in instances
+        if v.state is State.READY
+        and v.inflight == 0
+        and not v.retiring
+        and v.function != for_function
+    ]
+
+
+def stale_revisions(instances: Iterable[InstanceView], function: str, revision: int) -> list[str]:
+    """Idle instances of ``function`` that run an older revision than the one deployed."""
+    return [
+        v.id
+        for v in instances
+        if v.function == function
+        and v.revision < revision
+        and v.state is State.READY
+        and v.inflight == 0
+        and not v.retiring
+    ]
+
+
+def idle_deadline(last_used: float, idle_ttl_s: float) -> float:
+    return last_used + idle_ttl_s

@@ -1,0 +1,127 @@
+"""A function instance: one container, as an explicit state machine.
+
+    CREATING ─▶ STARTING ─▶ INITIALIZING ─▶ READY ⇄ BUSY
+        │           │              │           │       │
+        └───────────┴──────────────┴───────────┴───────┴──▶ STOPPING ─▶ GONE
+
+Every state has a time limit, enforced by the instance's owner task in the pool:
+CREATING/STARTING by the engine call timeouts, INITIALIZING by the function's
+``init_timeout_s``, READY by ``idle_ttl_s`` (then the instance is retired), BUSY by the
+function's ``timeout_s`` (then the instance is killed), STOPPING by the stop timeout.
+Transitions not in ``ALLOWED`` raise: a pool bug shows up at once instead of as a leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+
+from shared.errors import ImagefnError
+from shared.spec import FunctionRecord
+
+
+class State(enum.Enum):
+    CREATING = "creating"
+    STARTING = "starting"
+    INITIALIZING = "initializing"
+    READY = "ready"
+    BUSY = "busy"
+    STOPPING = "stopping"
+    GONE = "gone"
+
+
+ALLOWED: dict[State, frozenset[State]] = {
+    State.CREATING: frozenset({State.STARTING, State.STOPPING}),
+    State.STARTING: frozenset({State.INITIALIZING, State.STOPPING}),
+    State.INITIALIZING: frozenset({State.READY, State.BUSY, State.STOPPING}),
+    State.READY: frozenset({State.BUSY, State.STOPPING}),
+    State.BUSY: frozenset({State.READY, State.BUSY, State.STOPPING}),
+    State.STOPPING: frozenset({State.GONE}),
+    State.GONE: frozenset(),
+}
+
+# States in which an instance holds (or is about to hold) a container and its memory.
+LIVE_STATES = frozenset(
+    {State.CREATING, State.STARTING, State.INITIALIZING, State.READY, State.BUSY}
+)
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class Instance:
+    id: str
+    record: FunctionRecord
+    state: State = State.CREATING
+    container_id: str = ""
+    host_port: int = 0
+    created_at: float = field(default_factory=time.monotonic)
+    state_since: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    # Requests running on this instance now.
+    inflight: int = 0
+    invocations: int = 0
+    # Why the instance is being retired (idle, crashed, timeout, shutdown, ...).
+    retire_reason: str = ""
+    start_error: ImagefnError | None = None
+    # Seconds spent in create/start/ready, reported with the first invocation.
+    start_timings: dict[str, float] = field(default_factory=dict)
+    # Set once start finished, successfully or not.
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    # Poked whenever something the owner task waits on changes.
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def function(self) -> str:
+        return self.record.spec.name
+
+    @property
+    def memory_mb(self) -> int:
+        return self.record.spec.memory_mb
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    def transition(self, new: State) -> None:
+        if new not in ALLOWED[self.state]:
+            raise InvalidTransition(f"instance {self.id}: {self.state.value} -> {new.value}")
+        self.state = new
+        self.state_since = time.monotonic()
+        self.wakeup.set()
+
+    def retire(self, reason: str) -> None:
+        """Ask the owner task to stop and remove this instance (idempotent)."""
+        if not self.retire_reason:
+            self.retire_reason = reason
+        self.wakeup.set()
+
+    def view(self) -> InstanceView:
+        return InstanceView(
+            id=self.id,
+            function=self.function,
+            revision=self.record.revision,
+            state=self.state,
+            inflight=self.inflight,
+            last_used=self.last_used,
+            memory_mb=self.memory_mb,
+            retiring=bool(self.retire_reason),
+        )
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """An immutable snapshot of an instance, the input of the pool's pure decisions."""
+
+    id: str
+    function: str
+    revision: int
+    state: State
+    inflight: int
+    last_used: float
+    memory_mb: int
+    retiring: bool = False

@@ -1,0 +1,438 @@
+"""The container pool of one worker: owns every instance, places invocations on them.
+
+Each instance has one owner task (``_own``) that drives it through its states: start,
+then wait — for the idle TTL, a retire request or a death — then stop and remove. The
+invocation path (``invoke``) only acquires an instance, forwards, and releases; where to
+run is decided by ``workers.decisions.choose`` from snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import time
+import uuid
+from typing import Any
+
+import structlog
+
+from shared.errors import (
+    ConcurrencyLimitExceeded,
+    ContainerInitError,
+    FunctionTimeout,
+    ImagefnError,
+    InitContainerTimeout,
+    InternalError,
+    OutOfMemory,
+    PortBindingFailed,
+    ServiceUnavailable,
+    UserCodeError,
+    UserProcessExited,
+)
+from shared.messages import Invocation, InvocationResult
+from shared.settings import WorkerSettings
+from shared.spec import FunctionRecord
+from workers import decisions
+from workers.forwarder import ConnectionLost, Forwarder, Response
+from workers.instance import Instance, State
+from workers.probe import diagnose_listeners, probe_port
+from workers.runtime import (
+    LABEL_FUNCTION,
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    LABEL_WORKER,
+    ContainerConfig,
+    ContainerRuntime,
+    ContainerState,
+    wait_for_exit,
+)
+
+log = structlog.get_logger("imagefn.pool")
+
+# Retire reasons after which the container is killed at once, even with requests on it.
+KILL_REASONS = frozenset({"timeout", "crashed", "start-failed", "shutdown"})
+# Engine calls (create, start, inspect) that take longer than this mean the engine is
+# in trouble, not the function.
+ENGINE_CALL_TIMEOUT_S = 60.0
+# How often the readiness loop also asks the engine whether the process already exited.
+STATE_CHECK_EVERY_S = 0.1
+
+
+class ContainerPool:
+    def __init__(
+        self,
+        runtime: ContainerRuntime,
+        forwarder: Forwarder,
+        settings: WorkerSettings,
+        worker_id: str,
+    ) -> None:
+        self._runtime = runtime
+        self._forwarder = forwarder
+        self._settings = settings
+        self._worker_id = worker_id
+        self._instances: dict[str, Instance] = {}
+        self._by_container: dict[str, Instance] = {}
+        self._conds: dict[str, asyncio.Condition] = {}
+        self._owners: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def instances(self) -> list[Instance]:
+        return list(self._instances.values())
+
+    def owns_container(self, container_id: str) -> bool:
+        return container_id in self._by_container
+
+    # -- invocation path -------------------------------------------------------------------
+
+    async def invoke(self, inv: Invocation) -> InvocationResult:
+        """Run one invocation on an instance; never raises for the function's failures."""
+        started = time.time()
+        timings: dict[str, float] = {"queue": max(0.0, started - inv.enqueued_at)}
+        inst: Instance | None = None
+        cold = False
+        try:
+            inst, cold = await self._acquire(inv, timings)
+            structlog.contextvars.bind_contextvars(instance=inst.id)
+            run_started = time.monotonic()
+            try:
+                resp = await self._run(inst, inv)
+            finally:
+                timings["run"] = time.monotonic() - run_started
+            result = self._result(inv, resp)
+        except ImagefnError as e:
+            result = InvocationResult.failure(inv.request_id, e)
+        finally:
+            if inst is not None:
+                await self._release(inst)
+        return InvocationResult(
+            request_id=result.request_id,
+            status=result.status,
+            headers=result.headers,
+            body=result.body,
+            error=result.error,
+            instance=inst.id if inst is not None else "",
+            worker=self._worker_id,
+            cold_start=cold,
+            timings={k: round(v, 6) for k, v in timings.items()},
+        )
+
+    def _result(self, inv: Invocation, resp: Response) -> InvocationResult:
+        if inv.kind == "event" and not 200 <= resp.status < 300:
+            # The contract: any non-2xx answer to an event is the user code's error.
+            raise UserCodeError(
+                f"function answered HTTP {resp.status}",
+                details={
+                    "function_status": resp.status,
+                    "function_body": resp.body[:65536].decode("utf-8", "replace"),
+                },
+            )
+        return InvocationResult(
+            request_id=inv.request_id, status=resp.status, headers=resp.headers, body=resp.body
+        )
+
+    async def _run(self, inst: Instance, inv: Invocation) -> Response:
+        remaining = inv.deadline - time.time() if inv.deadline else inst.record.spec.timeout_s
+        timeout_s = max(0.001, min(inst.record.spec.timeout_s, remaining))
+        inst.invocations += 1
+        try:
+            return await self._forwarder.send(inst.host_port, inv, timeout_s)
+        except FunctionTimeout:
+            # The contract: a timed-out instance is reclaimed; its state is unknown.
+            inst.retire("timeout")
+            raise
+        except ConnectionLost as e:
+            err = await self._explain_lost_connection(inst, str(e))
+            inst.retire("crashed")
+            raise err from None
+
+    async def _explain_lost_connection(self, inst: Instance, why: str) -> ImagefnError:
+        state = await wait_for_exit(self._runtime, inst.container_id, 1.0)
+        logs = await self._runtime.logs_tail(inst.container_id, self._settings.log_tail_lines)
+        if state.oom_killed:
+            return OutOfMemory(
+                f"instance was killed for exceeding its {inst.memory_mb} MB memory limit",
+                details={"logs": logs},
+            )
+        if not state.running:
+            return UserProcessExited(
+                f"the function's process exited with code {state.exit_code} during the request",
+                details={"exit_code": state.exit_code, "logs": logs},
+            )
+        return UserCodeError(
+            f"the function's server closed the connection without answering ({why})",
+            details={"logs": logs},
+        )
+
+    def _cond(self, function: str) -> asyncio.Condition:
+        cond = self._conds.get(function)
+        if cond is None:
+            cond = self._conds[function] = asyncio.Condition()
+        return cond
+
+    async def _acquire(self, inv: Invocation, timings: dict[str, float]) -> tuple[Instance, bool]:
+        record = inv.record
+        spec = record.spec
+        cond = self._cond(spec.name)
+        loop = asyncio.get_running_loop()
+        wait_until = loop.time() + max(0.0, inv.deadline - time.time())
+        waited_from = loop.time()
+        async with cond:
+            while True:
+                if self._closing:
+                    raise ServiceUnavailable("worker is shutting down")
+                self._retire_stale(record)
+                decision = decisions.choose(
+                    [i.view() for i in self._instances.values()],
+                    function=spec.name,
+                    revision=record.revision,
+                    memory_mb=spec.memory_mb,
+                    max_instances=spec.max_instances,
+                    per_instance=1,
+                    memory_capacity_mb=self._settings.memory_capacity_mb,
+                )
+                if isinstance(decision, decisions.UseInstance):
+                    inst = self._instances[decision.instance_id]
+                    inst.inflight += 1
+                    inst.transition(State.BUSY)
+                    if loop.time() - waited_from > 0.001:
+                        timings["wait"] = loop.time() - waited_from
+                    return inst, False
+                if isinstance(decision, decisions.StartInstance):
+                    for victim in decision.evict:
+                        self._instances[victim].retire("evicted")
+                    inst = self._spawn(record)
+                    break
+                remaining = wait_until - loop.time()
+                if remaining <= 0:
+                    raise ConcurrencyLimitExceeded(
+                        f"no free instance of {spec.name} on this worker in time: {decision.reason}"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(cond.wait(), remaining)
+        # Cold path: the new instance is reserved for this invocation (inflight = 1).
+        try:
+            await inst.started.wait()
+        except BaseException:
+            await self._release(inst)
+            raise
+        timings.update(inst.start_timings)
+        if inst.start_error is not None:
+            # Release here: the caller never got the instance.
+            await self._release(inst)
+            raise inst.start_error
+        return inst, True
+
+    def _retire_stale(self, record: FunctionRecord) -> None:
+        views = [i.view() for i in self._instances.values()]
+        for iid in decisions.stale_revisions(views, record.spec.name, record.revision):
+            self._instances[iid].retire("redeployed")
+
+    async def _release(self, inst: Instance) -> None:
+        inst.inflight -= 1
+        inst.last_used = time.monotonic()
+        if inst.inflight == 0 and inst.state is State.BUSY:
+            inst.transition(State.READY)
+        inst.wakeup.set()
+        cond = self._cond(inst.function)
+        async with cond:
+            cond.notify()
+
+    # -- instance lifecycle ----------------------------------------------------------------
+
+    def _spawn(self, record: FunctionRecord) -> Instance:
+        inst = Instance(id=uuid.uuid4().hex[:12], record=record, inflight=1)
+        self._instances[inst.id] = inst
+        # A fresh context: the owner outlives the invocation that caused it, and its log
+        # lines must not carry that invocation's request id.
+        task = asyncio.create_task(
+            self._own(inst), name=f"instance-{inst.id}", context=contextvars.Context()
+        )
+        self._owners.add(task)
+        task.add_done_callback(self._owners.discard)
+        return inst
+
+    async def _own(self, inst: Instance) -> None:
+        structlog.contextvars.bind_contextvars(function=inst.function, instance=inst.id)
+        try:
+            try:
+                await self._start(inst)
+            except ImagefnError as e:
+                log.warning("instance_start_failed", error=e.type_name, reason=e.message)
+                inst.start_error = e
+                inst.retire("start-failed")
+                return
+            except Exception as e:  # engine trouble: report it rather than hang the caller
+                log.exception("instance_start_crashed")
+                inst.start_error = InternalError(f"instance start failed: {e}")
+                inst.retire("start-failed")
+                return
+            finally:
+                inst.started.set()
+            await self._serve(inst)
+        finally:
+            await self._stop(inst)
+
+    async def _serve(self, inst: Instance) -> None:
+        """Hold the instance until it is retired or idle past its TTL."""
+        idle_ttl_s = inst.record.spec.idle_ttl_s
+        while True:
+            inst.wakeup.clear()
+            if self._closing and inst.inflight == 0:
+                inst.retire("shutdown")
+            if inst.retire_reason and (inst.inflight == 0 or inst.retire_reason in KILL_REASONS):
+                return
+            timeout: float | None = None
+            if inst.state is State.READY and not inst.retire_reason:
+                timeout = decisions.idle_deadline(inst.last_used, idle_ttl_s) - time.monotonic()
+                if timeout <= 0:
+                    inst.retire("idle")
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(inst.wakeup.wait(), timeout)
+
+    def _container_config(self, inst: Instance) -> ContainerConfig:
+        spec = inst.record.spec
+        s = self._settings
+        return ContainerConfig(
+            name=f"imagefn-{spec.name}-{inst.id}",
+            image=inst.record.image_id,
+            command=spec.command,
+            args=spec.args,
+            env=spec.env,
+            labels={
+                LABEL_MANAGED: "1",
+                LABEL_WORKER: self._worker_id,
+                LABEL_FUNCTION: spec.name,
+                LABEL_INSTANCE: inst.id,
+            },
+            memory_mb=spec.memory_mb,
+            cpus=spec.cpus,
+            pids_limit=s.pids_limit,
+            nofile_limit=s.nofile_limit,
+            tmpfs_size_mb=s.tmpfs_size_mb,
+        )
+
+    async def _start(self, inst: Instance) -> None:
+        t = time.monotonic()
+        inst.container_id = await asyncio.wait_for(
+            self._runtime.create(self._container_config(inst)), ENGINE_CALL_TIMEOUT_S
+        )
+        self._by_container[inst.container_id] = inst
+        inst.start_timings["create"] = (t2 := time.monotonic()) - t
+        inst.transition(State.STARTING)
+        await asyncio.wait_for(self._runtime.start(inst.container_id), ENGINE_CALL_TIMEOUT_S)
+        inst.start_timings["start"] = (t3 := time.monotonic()) - t2
+        inst.transition(State.INITIALIZING)
+        inst.host_port = await asyncio.wait_for(
+            self._runtime.host_port(inst.container_id), ENGINE_CALL_TIMEOUT_S
+        )
+        await self._wait_ready(inst)
+        inst.start_timings["ready"] = time.monotonic() - t3
+        # Reserved for the invocation that caused the start.
+        inst.transition(State.BUSY)
+        log.info("instance_ready", port=inst.host_port, timings=inst.start_timings)
+
+    async def _wait_ready(self, inst: Instance) -> None:
+        spec = inst.record.spec
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spec.init_timeout_s
+        next_state_check = loop.time() + STATE_CHECK_EVERY_S
+        while loop.time() < deadline:
+            if await probe_port(inst.host_port):
+                return
+            if inst.retire_reason:
+                raise ContainerInitError(f"instance retired while starting: {inst.retire_reason}")
+            if loop.time() >= next_state_check:
+                state = await self._runtime.state(inst.container_id)
+                if not state.running:
+                    raise await self._init_exit_error(inst, state)
+                next_state_check = loop.time() + STATE_CHECK_EVERY_S
+            await asyncio.sleep(self._settings.ready_poll_interval_s)
+        state = await self._runtime.state(inst.container_id)
+        if not state.running:
+            raise await self._init_exit_error(inst, state)
+        logs = await self._runtime.logs_tail(inst.container_id, self._settings.log_tail_lines)
+        listening = await diagnose_listeners(state.pid)
+        if listening:
+            raise PortBindingFailed(
+                "the server does not listen on 0.0.0.0:9000 (it listens on "
+                f"{', '.join(listening)}); please confirm your http server has enabled "
+                "listening on port 9000",
+                details={"listening": listening, "logs": logs},
+            )
+        raise InitContainerTimeout(
+            f"nothing listened on port 9000 within the init timeout of {spec.init_timeout_s:g} s;"
+            " please confirm your http server has enabled listening on port 9000",
+            details={"logs": logs},
+        )
+
+    async def _init_exit_error(self, inst: Instance, state: ContainerState) -> ImagefnError:
+        logs = await self._runtime.logs_tail(inst.container_id, self._settings.log_tail_lines)
+        details: dict[str, Any] = {"exit_code": state.exit_code, "logs": logs}
+        if state.oom_killed:
+            return OutOfMemory(
+                f"instance ran out of its {inst.memory_mb} MB memory while starting",
+                details=details,
+            )
+        if state.exit_code in (126, 127) or state.error:
+            return ContainerInitError(
+                f"the container's command could not run (exit code {state.exit_code}"
+                f"{': ' + state.error if state.error else ''}); check Command and Args",
+                details=details,
+            )
+        return UserProcessExited(
+            f"the function's process exited with code {state.exit_code} before listening on "
+            "port 9000",
+            details=details,
+        )
+
+    async def _stop(self, inst: Instance) -> None:
+        if inst.state is State.GONE:
+            return
+        if inst.state is not State.STOPPING:
+            inst.transition(State.STOPPING)
+        reason = inst.retire_reason or "unknown"
+        if inst.container_id:
+            stop_s = 0.0 if reason in KILL_REASONS else self._settings.stop_timeout_s
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(self._runtime.remove(inst.container_id, stop_s)),
+                    ENGINE_CALL_TIMEOUT_S,
+                )
+            except Exception:
+                # The janitor removes what is left by label; the pool must go on.
+                log.exception("instance_remove_failed", container=inst.container_id)
+            self._by_container.pop(inst.container_id, None)
+        inst.transition(State.GONE)
+        self._instances.pop(inst.id, None)
+        log.info("instance_removed", reason=reason, invocations=inst.invocations)
+        cond = self._cond(inst.function)
+        async with cond:
+            cond.notify_all()
+
+    # -- signals from outside --------------------------------------------------------------
+
+    def container_died(self, container_id: str) -> None:
+        inst = self._by_container.get(container_id)
+        if inst is not None and inst.state in (State.READY, State.BUSY):
+            # An idle instance that died is retired now so that the next invocation does
+            # not land on it; a busy one fails its request, which retires it too.
+            inst.retire("exited")
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """Stop every instance (in-flight work must already be drained or abandoned)."""
+        self._closing = True
+        for inst in list(self._instances.values()):
+            inst.retire("shutdown")
+        for cond in list(self._conds.values()):
+            async with cond:
+                cond.notify_all()
+        if self._owners:
+            _done, pending = await asyncio.wait(set(self._owners), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)

@@ -1,0 +1,242 @@
+"""The container runtime the pool drives: a small interface, with the Docker Engine API
+(aiodocker) behind it. Unit tests use a fake with the same interface.
+
+Only this module talks to Docker, and it translates Docker's failures into the
+contract's error types at the boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiodocker
+import structlog
+from aiodocker.exceptions import DockerError
+
+from shared.errors import ContainerInitError, ServiceUnavailable
+
+log = structlog.get_logger("imagefn.runtime")
+
+MiB = 1024 * 1024
+LABEL_MANAGED = "imagefn.managed"
+LABEL_WORKER = "imagefn.worker"
+LABEL_FUNCTION = "imagefn.function"
+LABEL_INSTANCE = "imagefn.instance"
+
+
+@dataclass(frozen=True)
+class ContainerConfig:
+    name: str
+    image: str
+    command: tuple[str, ...] | None
+    args: tuple[str, ...] | None
+    env: dict[str, str]
+    labels: dict[str, str]
+    memory_mb: int
+    cpus: float
+    pids_limit: int
+    nofile_limit: int
+    tmpfs_size_mb: int
+
+    def to_docker(self) -> dict[str, Any]:
+        """The Engine API create body: the sandbox every function instance runs in."""
+        memory = self.memory_mb * MiB
+        body: dict[str, Any] = {
+            "Image": self.image,
+            "Env": [f"{k}={v}" for k, v in self.env.items()],
+            "Labels": self.labels,
+            "ExposedPorts": {"9000/tcp": {}},
+            "HostConfig": {
+                # Ephemeral host port on loopback only: nothing outside the machine can
+                # reach an instance except through the gateway.
+                "PortBindings": {"9000/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]},
+                "Memory": memory,
+                "MemorySwap": memory,  # no swap: memory_mb is the whole budget
+                "NanoCpus": int(self.cpus * 1e9),
+                "PidsLimit": self.pids_limit,
+                "ReadonlyRootfs": True,
+                "Tmpfs": {"/tmp": f"rw,nosuid,nodev,size={self.tmpfs_size_mb}m"},
+                "CapDrop": ["ALL"],
+                "SecurityOpt": ["no-new-privileges"],
+                "Ulimits": [
+                    {"Name": "nofile", "Soft": self.nofile_limit, "Hard": self.nofile_limit}
+                ],
+                "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
+                "NetworkMode": "bridge",
+                "Init": False,
+            },
+        }
+        # The contract: Command and Args override the image's ENTRYPOINT and CMD.
+        if self.command is not None:
+            body["Entrypoint"] = list(self.command)
+        if self.args is not None:
+            body["Cmd"] = list(self.args)
+        return body
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    running: bool
+    status: str
+    exit_code: int | None = None
+    oom_killed: bool = False
+    error: str = ""
+    pid: int = 0
+
+
+@dataclass(frozen=True)
+class ManagedContainer:
+    id: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class ContainerRuntime(Protocol):
+    async def create(self, config: ContainerConfig) -> str: ...
+    async def start(self, container_id: str) -> None: ...
+    async def host_port(self, container_id: str) -> int: ...
+    async def state(self, container_id: str) -> ContainerState: ...
+    async def logs_tail(self, container_id: str, lines: int) -> list[str]: ...
+    async def remove(self, container_id: str, stop_timeout_s: float) -> None: ...
+    async def list_managed(self) -> list[ManagedContainer]: ...
+    def die_events(self, worker_id: str) -> AsyncIterator[str]: ...
+    async def close(self) -> None: ...
+
+
+def _docker_message(e: DockerError) -> str:
+    msg = e.message if isinstance(e.message, str) else str(e.message)
+    return msg.strip()
+
+
+class DockerRuntime:
+    """ContainerRuntime over the Docker Engine API."""
+
+    def __init__(self, docker: aiodocker.Docker) -> None:
+        self._docker = docker
+
+    @classmethod
+    def connect(cls, url: str | None) -> DockerRuntime:
+        return cls(aiodocker.Docker(url=url))
+
+    async def close(self) -> None:
+        await self._docker.close()
+
+    async def create(self, config: ContainerConfig) -> str:
+        try:
+            container = await self._docker.containers.create(config.to_docker(), name=config.name)
+        except DockerError as e:
+            if e.status == 404:
+                raise ContainerInitError(
+                    f"image {config.image} is not present on this worker: {_docker_message(e)}"
+                ) from e
+            raise ContainerInitError(f"container create failed: {_docker_message(e)}") from e
+        return str(container.id)
+
+    async def start(self, container_id: str) -> None:
+        try:
+            await self._docker.containers.container(container_id).start()
+        except DockerError as e:
+            # The engine refuses to start a container whose Command does not exist or
+            # cannot be executed; that is the user's Command/Args, not the platform.
+            raise ContainerInitError(f"container could not start: {_docker_message(e)}") from e
+
+    async def _inspect(self, container_id: str) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = await self._docker.containers.container(container_id).show()
+            return data
+        except DockerError as e:
+            if e.status == 404:
+                return {}
+            raise ServiceUnavailable(f"docker inspect failed: {_docker_message(e)}") from e
+
+    async def host_port(self, container_id: str) -> int:
+        data = await self._inspect(container_id)
+        ports = (data.get("NetworkSettings") or {}).get("Ports") or {}
+        bindings = ports.get("9000/tcp") or []
+        for b in bindings:
+            if b.get("HostIp") in ("127.0.0.1", "") and b.get("HostPort"):
+                return int(b["HostPort"])
+        raise ContainerInitError("the engine published no host port for 9000/tcp")
+
+    async def state(self, container_id: str) -> ContainerState:
+        data = await self._inspect(container_id)
+        st = data.get("State") or {}
+        if not st:
+            return ContainerState(running=False, status="removed")
+        return ContainerState(
+            running=bool(st.get("Running")) and not bool(st.get("Restarting")),
+            status=str(st.get("Status", "")),
+            exit_code=st.get("ExitCode"),
+            oom_killed=bool(st.get("OOMKilled")),
+            error=str(st.get("Error") or ""),
+            pid=int(st.get("Pid") or 0),
+        )
+
+    async def logs_tail(self, container_id: str, lines: int) -> list[str]:
+        try:
+            out = await self._docker.containers.container(container_id).log(
+                stdout=True, stderr=True, tail=lines
+            )
+        except DockerError:
+            return []
+        return [str(line).rstrip("\n") for line in out]
+
+    async def remove(self, container_id: str, stop_timeout_s: float) -> None:
+        container = self._docker.containers.container(container_id)
+        with contextlib.suppress(DockerError):
+            # SIGTERM first so a server can finish cleanly, then the engine kills it.
+            await container.stop(t=max(0, int(stop_timeout_s)))
+        try:
+            await container.delete(force=True)
+        except DockerError as e:
+            if e.status not in (404, 409):
+                raise
+
+    async def list_managed(self) -> list[ManagedContainer]:
+        items = await self._docker.containers.list(
+            all=True, filters=json.dumps({"label": [f"{LABEL_MANAGED}=1"]})
+        )
+        return [
+            ManagedContainer(id=str(c.id), labels=dict(c._container.get("Labels") or {}))
+            for c in items
+        ]
+
+    async def die_events(self, worker_id: str) -> AsyncIterator[str]:
+        """Yield the ids of this worker's containers as they die (exit, OOM, docker kill)."""
+        params = {
+            "filters": (
+                f'{{"type":["container"],"event":["die"],"label":["{LABEL_WORKER}={worker_id}"]}}'
+            )
+        }
+        async with self._docker._query("events", method="GET", params=params, timeout=None) as resp:
+            async for line in resp.content:
+                if not line.strip():
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                cid = event.get("id") or (event.get("Actor") or {}).get("ID")
+                if cid:
+                    yield str(cid)
+
+
+async def wait_for_exit(
+    runtime: ContainerRuntime, container_id: str, within_s: float
+) -> ContainerState:
+    """Poll until the container is no longer running or ``within_s`` passes.
+
+    A server process that dies closes its sockets a moment before the engine records the
+    exit, so a broken connection is only classified after this short wait.
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within_s
+    state = await runtime.state(container_id)
+    while state.running and loop.time() < end:
+        await asyncio.sleep(0.02)
+        state = await runtime.state(container_id)
+    return state

@@ -1,0 +1,48 @@
+"""Composition root of a worker process: builds the worker's resources, runs it, and
+tears everything down in reverse order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from shared.queue.redis_streams import RedisStreamsQueue
+from shared.settings import Settings
+from workers.forwarder import Forwarder
+from workers.pool import ContainerPool
+from workers.runtime import DockerRuntime
+from workers.worker import Worker
+
+
+async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        redis = aioredis.Redis.from_url(settings.redis.url)
+        stack.push_async_callback(redis.aclose)
+        queue = RedisStreamsQueue(redis, settings.queue)
+        stack.push_async_callback(queue.close)
+        runtime = DockerRuntime.connect(settings.worker.docker_url)
+        stack.push_async_callback(runtime.close)
+        # One keep-alive connection pool to all instances; aiohttp sets TCP_NODELAY, and
+        # bodies pass through untouched (no decompression).
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        stack.push_async_callback(session.close)
+        pool = ContainerPool(
+            runtime,
+            Forwarder(session, settings.worker),
+            settings.worker,
+            settings.worker.worker_id,
+        )
+        worker = Worker(settings, queue, pool, runtime, redis)
+        run = asyncio.create_task(worker.run(), name="worker")
+        stopper = asyncio.create_task(stop.wait(), name="worker-stop-signal")
+        await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        worker.shutdown()
+        stopper.cancel()
+        await run

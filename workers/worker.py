@@ -1,0 +1,258 @@
+"""A worker: takes invocations from the queue and runs them on its container pool.
+
+Lifecycle (the temporal worker's shape): ``run()`` starts the loops below and returns after
+``shutdown()``: stop taking work, wait for in-flight invocations up to the drain timeout,
+abandon the rest *unacknowledged* (another worker reclaims them), stop the pool's
+containers, then the housekeeping loops.
+
+Loops, each a named task owned here:
+* consume   — takes new invocations, as many as there are free permits;
+* reclaim   — takes over invocations whose worker stopped refreshing its claim;
+* keepalive — refreshes this worker's claims on what it is running;
+* heartbeat — keeps ``worker:{id}`` alive in Redis, so others know this worker lives;
+* janitor   — removes containers of workers whose heartbeat is gone;
+* deaths    — follows the engine's die events for this worker's containers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from shared.errors import InternalError
+from shared.keys import Keys
+from shared.messages import InvocationResult
+from shared.queue.base import Delivery, InvocationQueue
+from shared.queue.redis_streams import MAX_ATTEMPTS
+from shared.settings import Settings
+from workers.pool import ContainerPool
+from workers.runtime import LABEL_WORKER, ContainerRuntime
+
+log = structlog.get_logger("imagefn.worker")
+
+CONSUME_BLOCK_S = 1.0
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        queue: InvocationQueue,
+        pool: ContainerPool,
+        runtime: ContainerRuntime,
+        redis: aioredis.Redis,
+    ) -> None:
+        self._settings = settings
+        self._ws = settings.worker
+        self.worker_id = settings.worker.worker_id
+        self._queue = queue
+        self._pool = pool
+        self._runtime = runtime
+        self._redis = redis
+        self._keys = Keys(settings.queue.prefix)
+        # Set whenever a handler finishes, so the consume loop can read more.
+        self._capacity_freed = asyncio.Event()
+        self._inflight: dict[str, Delivery] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        log.info("worker_starting", worker=self.worker_id)
+        await self._queue.open()
+        await self._heartbeat_once()
+        await self._remove_orphans()
+        self._loops = [
+            asyncio.create_task(self._consume_loop(), name="worker-consume"),
+            asyncio.create_task(
+                self._every(self._reclaim_interval(), self._reclaim), name="worker-reclaim"
+            ),
+            asyncio.create_task(
+                self._every(self._settings.queue.claim_refresh_s, self._keep_alive),
+                name="worker-keepalive",
+            ),
+            asyncio.create_task(
+                self._every(self._ws.heartbeat_s, self._heartbeat_once), name="worker-heartbeat"
+            ),
+            asyncio.create_task(
+                self._every(self._ws.janitor_interval_s, self._remove_orphans),
+                name="worker-janitor",
+            ),
+            asyncio.create_task(self._watch_deaths(), name="worker-deaths"),
+        ]
+        log.info("worker_ready", worker=self.worker_id)
+        await self._stopping.wait()
+        await self._drain()
+
+    def shutdown(self) -> None:
+        """Ask the worker to stop; idempotent and safe before ``run``."""
+        self._stopping.set()
+
+    async def _drain(self) -> None:
+        log.info("worker_draining", inflight=len(self._handlers))
+        consume = self._loops[0]
+        consume.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consume
+        if self._handlers:
+            _done, pending = await asyncio.wait(
+                set(self._handlers), timeout=self._ws.drain_timeout_s
+            )
+            if pending:
+                # Not acknowledged: another worker reclaims them once our claim lapses.
+                log.warning("worker_abandoning", count=len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=5)
+        await self._pool.shutdown(timeout_s=30)
+        for task in self._loops[1:]:
+            task.cancel()
+        await asyncio.gather(*self._loops[1:], return_exceptions=True)
+        with contextlib.suppress(RedisError):
+            await self._redis.delete(self._keys.worker_heartbeat(self.worker_id))
+        log.info("worker_stopped", worker=self.worker_id)
+
+    # -- taking work -----------------------------------------------------------------------
+
+    def _free_permits(self) -> int:
+        return self._ws.max_inflight - len(self._handlers)
+
+    async def _consume_loop(self) -> None:
+        backoff_s = 0.1
+        while not self._stopping.is_set():
+            # Read only what there is room for: what we read, we own until it is finished.
+            while self._free_permits() <= 0:
+                self._capacity_freed.clear()
+                await self._capacity_freed.wait()
+            try:
+                deliveries = await self._queue.consume(
+                    self.worker_id, max(1, self._free_permits()), CONSUME_BLOCK_S
+                )
+                backoff_s = 0.1
+            except (RedisError, OSError) as e:
+                log.warning("consume_failed", error=str(e))
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                continue
+            for d in deliveries:
+                self._dispatch(d)
+
+    def _dispatch(self, d: Delivery) -> None:
+        self._inflight[d.receipt] = d
+        task = asyncio.create_task(self._handle(d), name=f"invocation-{d.invocation.request_id}")
+        self._handlers.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._handlers.discard(t)
+            self._inflight.pop(d.receipt, None)
+            self._capacity_freed.set()
+
+        task.add_done_callback(done)
+
+    async def _handle(self, d: Delivery) -> None:
+        inv = d.invocation
+        structlog.contextvars.bind_contextvars(request_id=inv.request_id, function=inv.function)
+        if inv.deadline and time.time() > inv.deadline:
+            # The caller stopped waiting; running it now would only do surprising work.
+            log.warning("invocation_expired", waited_s=round(time.time() - inv.enqueued_at, 3))
+            await self._finish(d, None)
+            return
+        if d.attempt > MAX_ATTEMPTS:
+            log.error("invocation_poison", attempts=d.attempt)
+            err = InternalError(f"invocation abandoned after {d.attempt} deliveries")
+            await self._finish(d, InvocationResult.failure(inv.request_id, err))
+            return
+        if d.attempt > 1:
+            log.warning("invocation_redelivered", attempt=d.attempt)
+        result = await self._pool.invoke(inv)
+        log.info(
+            "invocation_done",
+            status=result.status,
+            error=(result.error or {}).get("type"),
+            cold=result.cold_start,
+            timings=result.timings,
+        )
+        await self._finish(d, result)
+
+    async def _finish(self, d: Delivery, result: InvocationResult | None) -> None:
+        # A result that cannot be delivered must not be acknowledged: retry until Redis
+        # answers or we are cancelled (then the invocation is reclaimed elsewhere).
+        delay_s = 0.05
+        while True:
+            try:
+                await self._queue.finish(d, result)
+                return
+            except (RedisError, OSError) as e:
+                log.warning("finish_failed", error=str(e))
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
+
+    def _reclaim_interval(self) -> float:
+        return max(0.2, self._settings.queue.reclaim_idle_ms / 1000 / 3)
+
+    async def _reclaim(self) -> None:
+        free = self._free_permits()
+        if free <= 0 or self._stopping.is_set():
+            return
+        for d in await self._queue.reclaim(self.worker_id, free):
+            if d.receipt in self._inflight:
+                continue
+            log.warning("invocation_reclaimed", request_id=d.invocation.request_id)
+            self._dispatch(d)
+
+    async def _keep_alive(self) -> None:
+        await self._queue.keep_alive(self.worker_id, list(self._inflight.values()))
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    async def _every(self, interval_s: float, fn: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("periodic_task_failed", task=fn.__name__, error=str(e))
+
+    async def _heartbeat_once(self) -> None:
+        await self._redis.set(
+            self._keys.worker_heartbeat(self.worker_id),
+            str(time.time()),
+            px=int(self._ws.heartbeat_ttl_s * 1000),
+        )
+
+    async def _remove_orphans(self) -> None:
+        """Remove containers of workers that no longer exist (their heartbeat is gone)."""
+        alive: dict[str, bool] = {self.worker_id: True}
+        for c in await self._runtime.list_managed():
+            owner = c.labels.get(LABEL_WORKER, "")
+            if owner not in alive:
+                alive[owner] = bool(
+                    owner and await self._redis.exists(self._keys.worker_heartbeat(owner))
+                )
+            if not alive[owner]:
+                log.info("orphan_removed", container=c.id[:12], dead_worker=owner)
+                await self._runtime.remove(c.id, 0)
+
+    async def _watch_deaths(self) -> None:
+        backoff_s = 0.5
+        while True:
+            try:
+                async for container_id in self._runtime.die_events(self.worker_id):
+                    self._pool.container_died(container_id)
+                    backoff_s = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("events_stream_failed", error=str(e))
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 10.0)
