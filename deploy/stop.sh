@@ -36,6 +36,9 @@ if is_imagefn_up "$pid"; then
   echo "stop: still running after $GRACE_S s; killing it. Its containers may be left:" >&2
   echo "      see 'docker ps' and .imagefn/up.log" >&2
   kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$PIDFILE"
+  echo "killed"
+  exit 1
 fi
 rm -f "$PIDFILE"
 echo "stopped"

@@ -18,7 +18,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway import functions, invoke
-from gateway.context import IMAGES, QUEUE, REDIS, REGISTRY, SETTINGS
+from gateway.context import IMAGES, QUEUE, REDIS, REGISTRY, REQUEST_ID, SETTINGS
 from gateway.errors import Handler, error_response, http_exception_to_error, log
 from gateway.images import ImageResolver, LocalImageResolver, UncheckedImageResolver
 from shared.errors import ImagefnError, InternalError, ServiceUnavailable
@@ -38,7 +38,7 @@ CALLER_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     given = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = given if CALLER_REQUEST_ID.match(given) else str(uuid.uuid4())
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     max_body = request.app[SETTINGS].gateway.max_body_bytes
@@ -120,7 +120,7 @@ def build_app(
     invoke.add_web_routes(app)
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-        rid = request.get("request_id")
+        rid = request.get(REQUEST_ID)
         if rid:
             response.headers.setdefault(REQUEST_ID_HEADER, rid)
             response.headers.setdefault(SCF_REQUEST_ID_HEADER, rid)

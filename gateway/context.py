@@ -15,3 +15,6 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 QUEUE = web.AppKey("queue", InvocationQueue)
 REGISTRY = web.AppKey("registry", FunctionRegistry)
 IMAGES = web.AppKey("images", ImageResolver)
+
+# The request id of the request being handled (set by the request_context middleware).
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -9,7 +9,7 @@ import time
 
 from aiohttp import web
 
-from gateway.context import QUEUE, REGISTRY, SETTINGS
+from gateway.context import QUEUE, REGISTRY, REQUEST_ID, SETTINGS
 from shared.errors import FunctionTimeout, InvalidRequest, error_from_dict
 from shared.http import REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER, strip_hop_by_hop
 from shared.messages import Invocation, InvocationResult
@@ -34,7 +34,8 @@ async def _call(request: web.Request, inv: Invocation, wait_s: float) -> Invocat
         )
     if result.error is not None:
         err = error_from_dict(result.error)
-        err.details.setdefault("instance", result.instance)
+        if result.instance:
+            err.details.setdefault("instance", result.instance)
         raise err
     return result
 
@@ -69,7 +70,7 @@ async def invoke_event(request: web.Request) -> web.Response:
             raise InvalidRequest(f"event body is not valid JSON: {e}") from None
     else:
         body = b"{}"
-    request_id: str = request["request_id"]
+    request_id: str = request[REQUEST_ID]
     wait_s = _wait_s(request, record)
     inv = Invocation(
         request_id=request_id,
@@ -109,7 +110,7 @@ async def invoke_web(request: web.Request) -> web.Response:
         ("X-Forwarded-Host", request.host),
         ("X-Forwarded-Proto", request.scheme),
     ]
-    request_id: str = request["request_id"]
+    request_id: str = request[REQUEST_ID]
     wait_s = _wait_s(request, record)
     inv = Invocation(
         request_id=request_id,

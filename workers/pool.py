@@ -39,6 +39,7 @@ from workers.instance import Instance, State
 from workers.probe import diagnose_listeners, probe_port
 from workers.runtime import (
     LABEL_FUNCTION,
+    LABEL_INSTALLATION,
     LABEL_INSTANCE,
     LABEL_MANAGED,
     LABEL_WORKER,
@@ -66,7 +67,9 @@ class ContainerPool:
         forwarder: Forwarder,
         settings: WorkerSettings,
         worker_id: str,
+        installation: str,
     ) -> None:
+        self._installation = installation
         self._runtime = runtime
         self._forwarder = forwarder
         self._settings = settings
@@ -304,6 +307,7 @@ class ContainerPool:
             env=spec.env,
             labels={
                 LABEL_MANAGED: "1",
+                LABEL_INSTALLATION: self._installation,
                 LABEL_WORKER: self._worker_id,
                 LABEL_FUNCTION: spec.name,
                 LABEL_INSTANCE: inst.id,

@@ -27,6 +27,9 @@ LABEL_MANAGED = "imagefn.managed"
 LABEL_WORKER = "imagefn.worker"
 LABEL_FUNCTION = "imagefn.function"
 LABEL_INSTANCE = "imagefn.instance"
+# The installation (Redis key prefix): two installations may share one Docker engine, and
+# each must only clean up its own containers.
+LABEL_INSTALLATION = "imagefn.installation"
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
             Forwarder(session, settings.worker),
             settings.worker,
             settings.worker.worker_id,
+            settings.queue.prefix,
         )
         worker = Worker(settings, queue, pool, runtime, redis)
         run = asyncio.create_task(worker.run(), name="worker")

@@ -32,7 +32,7 @@ from shared.queue.base import Delivery, InvocationQueue
 from shared.queue.redis_streams import MAX_ATTEMPTS
 from shared.settings import Settings
 from workers.pool import ContainerPool
-from workers.runtime import LABEL_WORKER, ContainerRuntime
+from workers.runtime import LABEL_INSTALLATION, LABEL_WORKER, ContainerRuntime
 
 log = structlog.get_logger("imagefn.worker")
 
@@ -233,7 +233,10 @@ class Worker:
     async def _remove_orphans(self) -> None:
         """Remove containers of workers that no longer exist (their heartbeat is gone)."""
         alive: dict[str, bool] = {self.worker_id: True}
+        prefix = self._settings.queue.prefix
         for c in await self._runtime.list_managed():
+            if c.labels.get(LABEL_INSTALLATION) != prefix:
+                continue  # another installation's, judged by its own workers
             owner = c.labels.get(LABEL_WORKER, "")
             if owner not in alive:
                 alive[owner] = bool(

@@ -34,6 +34,8 @@ log = structlog.get_logger("imagefn.queue")
 # Results kept per reply stream; a gateway reads them within milliseconds, so this only
 # bounds what a gateway that died leaves behind until the key expires.
 REPLY_STREAM_MAXLEN = 10_000
+# Blocking reads must return before the client's socket timeout (redis-py: 5 s).
+REPLY_BLOCK_MS = 2000
 # An invocation handed out this many times has crashed workers repeatedly; stop retrying.
 MAX_ATTEMPTS = 5
 
@@ -116,7 +118,9 @@ class RedisStreamsQueue(InvocationQueue):
         backoff_s = 0.1
         while not self._closed:
             try:
-                resp = await self._r.xread({self._reply_key: last_id}, count=256, block=5000)
+                resp = await self._r.xread(
+                    {self._reply_key: last_id}, count=256, block=REPLY_BLOCK_MS
+                )
                 backoff_s = 0.1
             except RedisError as e:
                 log.warning("reply_reader_error", error=str(e))

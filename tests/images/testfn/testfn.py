@@ -29,7 +29,7 @@ request id, headers, event, TEST_* environment, whether /tmp and / are writable)
 
 Any other method or path is a web echo: JSON with method, path, query, headers, body.
 Query parameters print, stderr, alloc_mb, sleep, exit, close, size, status and body act
-as above.
+as above; ?header=Name:Value (repeatable) adds a response header.
 """
 
 import json
@@ -125,6 +125,8 @@ class Handler(BaseHTTPRequestHandler):
         spec: dict[str, Any] = {k: types[k](v[-1]) for k, v in query.items() if k in types}
         if "print" in query:
             spec["print"] = query["print"]
+        if "header" in query:  # ?header=Name:Value, repeatable
+            spec["headers"] = dict(h.split(":", 1) for h in query["header"])
         return spec
 
     def run(self, spec: dict[str, Any], describe: Callable[[], object]) -> None:

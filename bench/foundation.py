@@ -1,0 +1,1180 @@
+#!/usr/bin/env python3
+"""Foundation benchmark of imagefn: the platform side by side with the bare container.
+
+One run, one machine, three measurements (see bench/README.md):
+
+1. warm latency of a no-op event: gateway ``POST /v1/functions/NAME/invoke`` vs the same
+   POST straight to the instance container's published port (``/event-invoke``),
+   interleaved in alternating blocks;
+2. cold start: first response of a function with no instance, through the gateway, vs a
+   bare container started by ``docker run`` (CLI) and by the Engine API (aiodocker
+   create+start, with a minimal config and with the platform's own sandbox config),
+   each polled with ``POST /event-invoke`` until the first 200; rounds alternate;
+3. saturation throughput with C concurrent clients: gateway vs direct, for a function
+   with several instances and like-for-like with one instance.
+
+The script starts its own platform (``imagefn up``) on a free port under a unique Redis
+prefix and worker id, and removes everything it created (functions, containers, Redis
+keys under its prefix) at the end. All traffic goes to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+import redis.asyncio as aioredis
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_IMAGE = "imagefn-examples/hello-event:latest"
+BODY = b'{"name":"bench"}'
+BENCH_LABEL = "imagefn.bench"  # on the bare containers this script starts itself
+WORKER_LABEL = "imagefn.worker"
+FUNCTION_LABEL = "imagefn.function"
+INSTANCE_LABEL = "imagefn.instance"
+MANAGED_LABEL = "imagefn.managed"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    """Percentile with linear interpolation between closest ranks (q in 0..100)."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    if len(s) == 1:
+        return s[0]
+    k = (len(s) - 1) * q / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50": pct(values, 50),
+        "p90": pct(values, 90),
+        "p99": pct(values, 99),
+        "mean": sum(values) / len(values) if values else float("nan"),
+        "min": min(values) if values else float("nan"),
+        "max": max(values) if values else float("nan"),
+    }
+
+
+def parse_server_timing(value: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in value.split(","):
+        name, _, rest = part.strip().partition(";")
+        if rest.startswith("dur="):
+            with contextlib.suppress(ValueError):
+                out[name] = float(rest[4:])
+    return out
+
+
+# -- machine and CPU accounting --------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    try:
+        info["nproc"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        info["nproc"] = os.cpu_count()
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    info["cpu_model"] = model or platform.processor() or "unknown"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
+    info["kernel"] = platform.release()
+    try:
+        out = subprocess.run(
+            ["docker", "version", "--format", "{{.Server.Version}} (API {{.Server.APIVersion}})"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        info["docker"] = out.stdout.strip() or out.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        info["docker"] = f"unknown ({e})"
+    info["python"] = platform.python_version()
+    info["aiohttp"] = aiohttp.__version__
+    with contextlib.suppress(OSError):
+        info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
+    return info
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """utime+stime of one process, in seconds (0 when unreadable)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies from /proc/stat."""
+    try:
+        parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0.0, 0.0
+    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+    total = sum(parts[:8])
+    return float(total - idle), float(total)
+
+
+def _self_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass
+class CpuWindow:
+    """CPU used during one phase: the machine, this client, the platform process."""
+
+    platform_pid: int
+    t0: float = 0.0
+    m0: tuple[float, float] = (0.0, 0.0)
+    c0: float = 0.0
+    p0: float = 0.0
+    result: dict[str, float] = field(default_factory=dict)
+
+    def __enter__(self) -> CpuWindow:
+        self.t0 = time.monotonic()
+        self.m0 = _machine_cpu()
+        self.c0 = _self_cpu_s()
+        self.p0 = _proc_cpu_s(self.platform_pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = max(1e-9, time.monotonic() - self.t0)
+        busy1, total1 = _machine_cpu()
+        dbusy, dtotal = busy1 - self.m0[0], total1 - self.m0[1]
+        ncpu = os.cpu_count() or 1
+        self.result = {
+            "wall_s": wall,
+            # Cores busy on the whole machine (all processes, ours and others').
+            "machine_busy_cores": (dbusy / dtotal * ncpu) if dtotal else float("nan"),
+            "client_cores": (_self_cpu_s() - self.c0) / wall,
+            "platform_cores": (_proc_cpu_s(self.platform_pid) - self.p0) / wall,
+            "platform_cpu_s": _proc_cpu_s(self.platform_pid) - self.p0,
+        }
+
+
+# -- the platform under test -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Platform:
+    """``imagefn up`` as a subprocess with its own port, Redis prefix and worker id."""
+
+    def __init__(self, redis_url: str, log_level: str, workdir: Path) -> None:
+        tag = "".join(random.choices(string.ascii_lowercase + string.digits, k=8))
+        self.tag = tag
+        self.prefix = f"bench-{tag}"
+        self.worker_id = f"bench-{tag}"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.redis_url = redis_url
+        self.log_level = log_level
+        self.log_path = workdir / "imagefn-up.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._logf: Any = None
+
+    def command(self) -> list[str]:
+        exe = Path(sys.executable).parent / "imagefn"
+        if exe.exists():
+            return [str(exe), "up"]
+        found = shutil.which("imagefn")
+        if found:
+            return [found, "up"]
+        return [sys.executable, "-m", "cli.main", "up"]
+
+    async def guard_other_installations(self, docker: aiodocker.Docker) -> int:
+        """Protect other installations' containers from this worker's startup janitor.
+
+        In the foundation commit (63d05be) the janitor (workers/worker.py,
+        _remove_orphans) lists every imagefn-managed container on the engine and removes
+        those whose worker has no heartbeat *under this installation's prefix*: every
+        other installation's containers, e.g. a test suite's running on the same engine.
+        Later versions only judge containers labelled with their own installation. To be
+        safe with either, write a heartbeat key under our own prefix for each owner seen
+        now, and push the periodic janitor out to 1 h (IMAGEFN_JANITOR_INTERVAL_S).
+        """
+        items = await docker.containers.list(
+            all=True, filters=json.dumps({"label": [f"{MANAGED_LABEL}=1"]})
+        )
+        owners = {(c._container.get("Labels") or {}).get(WORKER_LABEL, "") for c in items} - {""}
+        if owners:
+            r = aioredis.Redis.from_url(self.redis_url)
+            try:
+                for owner in owners:
+                    await r.set(f"{self.prefix}:worker:{owner}", "bench-guard", px=3_600_000)
+            finally:
+                await r.aclose()
+        return len(owners)
+
+    async def start(self) -> None:
+        env = dict(os.environ)
+        env.update(
+            {
+                "IMAGEFN_GATEWAY_PORT": str(self.port),
+                "IMAGEFN_GATEWAY_HOST": "127.0.0.1",
+                "IMAGEFN_PREFIX": self.prefix,
+                "IMAGEFN_REDIS_URL": self.redis_url,
+                "IMAGEFN_WORKER_ID": self.worker_id,
+                "IMAGEFN_JANITOR_INTERVAL_S": "3600",
+                "IMAGEFN_LOG_LEVEL": self.log_level,
+            }
+        )
+        # Started once, before any measurement: blocking calls are harmless here.
+        self._logf = open(self.log_path, "wb")  # noqa: ASYNC230
+        self.proc = subprocess.Popen(  # noqa: ASYNC220
+            self.command(), cwd=REPO, env=env, stdout=self._logf, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 30
+        async with aiohttp.ClientSession() as s:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"imagefn up exited with {self.proc.returncode}; see {self.log_path}:\n"
+                        + self.log_path.read_text()[-2000:]
+                    )
+                with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                    async with s.get(
+                        self.url + "/healthz", timeout=aiohttp.ClientTimeout(total=2)
+                    ) as r:
+                        if r.status == 200:
+                            return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"gateway not healthy within 30 s; see {self.log_path}")
+                await asyncio.sleep(0.1)
+
+    async def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 45
+            while self.proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            if self.proc.poll() is None:
+                log("imagefn up did not stop within 45 s of SIGINT; killing it")
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._logf is not None:
+            self._logf.close()
+        return self.proc.returncode
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+
+def fn_spec(name: str, image: str, **kw: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "type": "event",
+        "memory_mb": 128,
+        "cpus": 1.0,
+        "timeout_s": 10,
+        "init_timeout_s": 30,
+        "idle_ttl_s": 600,
+        "max_instances": 1,
+    }
+    spec.update(kw)
+    return spec
+
+
+class Control:
+    """The gateway's control API, plus bookkeeping of what we deployed."""
+
+    def __init__(self, plat: Platform) -> None:
+        self.plat = plat
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        self.deployed: set[str] = set()
+
+    async def deploy(self, spec: dict[str, Any]) -> None:
+        name = spec["name"]
+        async with self.session.put(f"{self.plat.url}/v1/functions/{name}", json=spec) as r:
+            text = await r.text()
+            if r.status not in (200, 201):
+                raise RuntimeError(f"deploy {name}: HTTP {r.status}: {text}")
+        self.deployed.add(name)
+
+    async def delete(self, name: str) -> None:
+        async with self.session.delete(f"{self.plat.url}/v1/functions/{name}") as r:
+            await r.read()
+            if r.status not in (204, 404):
+                raise RuntimeError(f"delete {name}: HTTP {r.status}")
+        self.deployed.discard(name)
+
+    async def invoke(self, name: str) -> tuple[int, Any, bytes]:
+        async with self.session.post(
+            f"{self.plat.url}/v1/functions/{name}/invoke",
+            data=BODY,
+            headers={"Content-Type": "application/json"},
+        ) as r:
+            return r.status, r.headers, await r.read()
+
+    async def close(self) -> None:
+        for name in list(self.deployed):
+            with contextlib.suppress(Exception):
+                await self.delete(name)
+        await self.session.close()
+
+
+async def container_port(docker: aiodocker.Docker, container_id: str) -> int:
+    data = await docker.containers.container(container_id).show()
+    for b in ((data.get("NetworkSettings") or {}).get("Ports") or {}).get("9000/tcp") or []:
+        if b.get("HostPort"):
+            return int(b["HostPort"])
+    raise RuntimeError(f"container {container_id[:12]} publishes no port for 9000/tcp")
+
+
+async def instance_ports(docker: aiodocker.Docker, worker_id: str, function: str) -> dict[str, int]:
+    """instance id -> published host port, for the running containers of a function."""
+    items = await docker.containers.list(
+        filters=json.dumps(
+            {"label": [f"{WORKER_LABEL}={worker_id}", f"{FUNCTION_LABEL}={function}"]}
+        )
+    )
+    out: dict[str, int] = {}
+    for c in items:
+        labels = c._container.get("Labels") or {}
+        with contextlib.suppress(RuntimeError, aiodocker.exceptions.DockerError):
+            out[labels.get(INSTANCE_LABEL, c.id)] = await container_port(docker, c.id)
+    return out
+
+
+# -- request helpers -------------------------------------------------------------------------
+
+
+def keepalive_session(limit: int = 8) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=120),
+        timeout=aiohttp.ClientTimeout(total=30),
+    )
+
+
+@dataclass
+class Sample:
+    ms: float
+    ok: bool
+    headers: Any = None  # the response headers (case-insensitive), gateway only
+    error: str = ""
+
+
+async def post_gateway(session: aiohttp.ClientSession, url: str) -> Sample:
+    # The client makes a request id in both paths, so that both do the same work.
+    headers = {"Content-Type": "application/json", "X-Request-Id": uuid.uuid4().hex}
+    t0 = time.perf_counter_ns()
+    try:
+        async with session.post(url, data=BODY, headers=headers) as r:
+            await r.read()
+            ms = (time.perf_counter_ns() - t0) / 1e6
+            ok = r.status == 200
+            return Sample(ms, ok, r.headers, "" if ok else str(r.status))
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        return Sample((time.perf_counter_ns() - t0) / 1e6, False, None, type(e).__name__)
+
+
+async def post_direct(session: aiohttp.ClientSession, url: str) -> Sample:
+    headers = {"Content-Type": "application/json", "X-Scf-Request-Id": uuid.uuid4().hex}
+    t0 = time.perf_counter_ns()
+    try:
+        async with session.post(url, data=BODY, headers=headers) as r:
+            await r.read()
+            ms = (time.perf_counter_ns() - t0) / 1e6
+            return Sample(ms, r.status == 200, None, "" if r.status == 200 else str(r.status))
+    except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        return Sample((time.perf_counter_ns() - t0) / 1e6, False, None, type(e).__name__)
+
+
+# -- 1. warm latency -------------------------------------------------------------------------
+
+
+async def bench_warm(
+    ctl: Control, docker: aiodocker.Docker, image: str, blocks: int, block_size: int, warmup: int
+) -> dict[str, Any]:
+    plat = ctl.plat
+    name = f"b{plat.tag}-warm"
+    await ctl.deploy(fn_spec(name, image, max_instances=1))
+    status, headers, body = await ctl.invoke(name)  # the cold start, not measured
+    if status != 200:
+        raise RuntimeError(f"first invoke of {name}: HTTP {status}: {body[:300]!r}")
+    instance = headers.get("X-Imagefn-Instance", "")
+    ports = await instance_ports(docker, plat.worker_id, name)
+    if instance not in ports:
+        raise RuntimeError(f"cannot find the container of instance {instance}: {ports}")
+    gw_url = f"{plat.url}/v1/functions/{name}/invoke"
+    direct_url = f"http://127.0.0.1:{ports[instance]}/event-invoke"
+    log(f"warm: function {name}, instance {instance}, container port {ports[instance]}")
+
+    gw: list[float] = []
+    direct: list[float] = []
+    timings: dict[str, list[float]] = {}
+    errors = {"gateway": 0, "direct": 0}
+    unexpected_cold = 0
+    instances_seen = {instance}
+    async with keepalive_session() as gs, keepalive_session() as ds:
+        for _ in range(warmup):
+            await post_gateway(gs, gw_url)
+            await post_direct(ds, direct_url)
+        with CpuWindow(plat.pid) as cpu:
+            for b in range(blocks):
+                order = ("gateway", "direct") if b % 2 == 0 else ("direct", "gateway")
+                for path in order:
+                    for _ in range(block_size):
+                        if path == "gateway":
+                            s = await post_gateway(gs, gw_url)
+                            if s.ok:
+                                gw.append(s.ms)
+                                h = s.headers or {}
+                                if h.get("X-Imagefn-Cold-Start") == "true":
+                                    unexpected_cold += 1
+                                instances_seen.add(h.get("X-Imagefn-Instance", ""))
+                                for k, v in parse_server_timing(h.get("Server-Timing", "")).items():
+                                    timings.setdefault(k, []).append(v)
+                            else:
+                                errors["gateway"] += 1
+                        else:
+                            s = await post_direct(ds, direct_url)
+                            if s.ok:
+                                direct.append(s.ms)
+                            else:
+                                errors["direct"] += 1
+                                if errors["direct"] > 20:
+                                    raise RuntimeError(
+                                        "the instance container stopped answering directly "
+                                        f"({s.error}); was it removed from outside?"
+                                    )
+                                await asyncio.sleep(0.01)
+    gs_ = summary(gw)
+    ds_ = summary(direct)
+    return {
+        "function": name,
+        "instance": instance,
+        "container_port": ports[instance],
+        "blocks": blocks,
+        "block_size": block_size,
+        "gateway_ms": gs_,
+        "direct_ms": ds_,
+        "overhead_p50_ms": gs_["p50"] - ds_["p50"],
+        "overhead_p99_ms": gs_["p99"] - ds_["p99"],
+        "overhead_mean_ms": gs_["mean"] - ds_["mean"],
+        "server_timing_p50_ms": {k: pct(v, 50) for k, v in timings.items()},
+        "errors": errors,
+        "unexpected_cold_starts": unexpected_cold,
+        "instances_seen": sorted(instances_seen - {""}),
+        "cpu": cpu.result,
+        "raw": {"gateway_ms": gw, "direct_ms": direct},
+    }
+
+
+# -- 2. cold start ---------------------------------------------------------------------------
+
+
+async def poll_until_200(port: int, deadline: float) -> int:
+    """POST /event-invoke on a fresh connection every 5 ms until the first 200."""
+    url = f"http://127.0.0.1:{port}/event-invoke"
+    attempts = 0
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True),
+        timeout=aiohttp.ClientTimeout(total=5),
+    ) as s:
+        while True:
+            attempts += 1
+            with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                async with s.post(
+                    url,
+                    data=BODY,
+                    headers={
+                        "Content-Type": "application/json",
+                        "X-Scf-Request-Id": uuid.uuid4().hex,
+                    },
+                ) as r:
+                    await r.read()
+                    if r.status == 200:
+                        return attempts
+            if loop.time() > deadline:
+                raise RuntimeError(f"no 200 from 127.0.0.1:{port} in time")
+            await asyncio.sleep(0.005)
+
+
+class ColdBench:
+    def __init__(self, ctl: Control, docker: aiodocker.Docker, image: str) -> None:
+        self.ctl = ctl
+        self.docker = docker
+        self.image = image
+        self.run_label = ctl.plat.tag
+        self.bare_ids: set[str] = set()
+        self.sandbox_config: Callable[[str], dict[str, Any]] | None = None
+        try:
+            from workers.runtime import ContainerConfig
+
+            def sandbox(name: str) -> dict[str, Any]:
+                # The platform's own create body (the same limits as fn_spec), minus its
+                # imagefn.managed labels, so that no janitor mistakes it for an instance.
+                body = ContainerConfig(
+                    name=name,
+                    image=image,
+                    command=None,
+                    args=None,
+                    env={},
+                    labels={BENCH_LABEL: self.run_label},
+                    memory_mb=128,
+                    cpus=1.0,
+                    pids_limit=1024,
+                    nofile_limit=1024,
+                    tmpfs_size_mb=512,
+                ).to_docker()
+                return body
+
+            self.sandbox_config = sandbox
+        except Exception as e:  # the platform's module changed shape: skip the variant
+            log(f"cold: no 'bare API + platform sandbox' variant ({e})")
+
+    def variants(self) -> list[str]:
+        v = ["gateway", "docker_cli", "engine_api"]
+        if self.sandbox_config is not None:
+            v.append("engine_api_sandbox")
+        return v
+
+    async def run(self, variant: str, rnd: int) -> dict[str, Any]:
+        return await getattr(self, f"_{variant}")(rnd)
+
+    async def _gateway(self, rnd: int) -> dict[str, Any]:
+        name = f"b{self.ctl.plat.tag}-cold{rnd}"
+        await self.ctl.deploy(fn_spec(name, self.image, idle_ttl_s=1, max_instances=1))
+        t0 = time.perf_counter_ns()
+        status, headers, body = await self.ctl.invoke(name)
+        ms = (time.perf_counter_ns() - t0) / 1e6
+        if status != 200:
+            raise RuntimeError(f"cold invoke {name}: HTTP {status}: {body[:300]!r}")
+        cold = headers.get("X-Imagefn-Cold-Start") == "true"
+        phases = parse_server_timing(headers.get("Server-Timing", ""))
+        # Clean up outside the timing: delete the function and wait for its instance to
+        # reach its 1 s idle TTL and be removed, so it does not run into the next round.
+        await self.ctl.delete(name)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            left = await self.docker.containers.list(
+                all=True,
+                filters=json.dumps(
+                    {
+                        "label": [
+                            f"{WORKER_LABEL}={self.ctl.plat.worker_id}",
+                            f"{FUNCTION_LABEL}={name}",
+                        ]
+                    }
+                ),
+            )
+            if not left:
+                break
+            await asyncio.sleep(0.1)
+        return {"ms": ms, "cold_start_header": cold, "phases_ms": phases}
+
+    async def _remove(self, cid: str) -> None:
+        with contextlib.suppress(aiodocker.exceptions.DockerError):
+            await self.docker.containers.container(cid).delete(force=True)
+        self.bare_ids.discard(cid)
+
+    async def _docker_cli(self, rnd: int) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter_ns()
+        proc = await asyncio.create_subprocess_exec(
+            "docker", "run", "-d", "--label", f"{BENCH_LABEL}={self.run_label}",
+            "-p", "127.0.0.1::9000", self.image,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"docker run failed: {err.decode(errors='replace')}")
+        cid = out.decode().strip()
+        self.bare_ids.add(cid)
+        t_run = time.perf_counter_ns()
+        try:
+            port = await container_port(self.docker, cid)  # one Engine API inspect
+            attempts = await poll_until_200(port, loop.time() + 30)
+            ms = (time.perf_counter_ns() - t0) / 1e6
+        finally:
+            await self._remove(cid)
+        return {"ms": ms, "phases_ms": {"docker_run_cli": (t_run - t0) / 1e6}, "attempts": attempts}
+
+    async def _api(self, config: dict[str, Any], name: str | None) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter_ns()
+        c = await self.docker.containers.create(config, name=name)
+        self.bare_ids.add(c.id)
+        t1 = time.perf_counter_ns()
+        try:
+            await c.start()
+            t2 = time.perf_counter_ns()
+            port = await container_port(self.docker, c.id)
+            t3 = time.perf_counter_ns()
+            attempts = await poll_until_200(port, loop.time() + 30)
+            t4 = time.perf_counter_ns()
+        finally:
+            await self._remove(c.id)
+        return {
+            "ms": (t4 - t0) / 1e6,
+            "phases_ms": {
+                "create": (t1 - t0) / 1e6,
+                "start": (t2 - t1) / 1e6,
+                "inspect": (t3 - t2) / 1e6,
+                "poll": (t4 - t3) / 1e6,
+            },
+            "attempts": attempts,
+        }
+
+    async def _engine_api(self, rnd: int) -> dict[str, Any]:
+        config = {
+            "Image": self.image,
+            "Labels": {BENCH_LABEL: self.run_label},
+            "ExposedPorts": {"9000/tcp": {}},
+            "HostConfig": {"PortBindings": {"9000/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]}},
+        }
+        return await self._api(config, None)
+
+    async def _engine_api_sandbox(self, rnd: int) -> dict[str, Any]:
+        assert self.sandbox_config is not None
+        name = f"imagefn-bench-{self.run_label}-{rnd}"
+        return await self._api(self.sandbox_config(name), name)
+
+    async def cleanup(self) -> None:
+        for cid in list(self.bare_ids):
+            await self._remove(cid)
+        with contextlib.suppress(aiodocker.exceptions.DockerError):
+            for c in await self.docker.containers.list(
+                all=True, filters=json.dumps({"label": [f"{BENCH_LABEL}={self.run_label}"]})
+            ):
+                await self._remove(c.id)
+
+
+async def bench_cold(
+    ctl: Control, docker: aiodocker.Docker, image: str, rounds: int, warmup_rounds: int
+) -> dict[str, Any]:
+    cb = ColdBench(ctl, docker, image)
+    variants = cb.variants()
+    samples: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    try:
+        with CpuWindow(ctl.plat.pid) as cpu:
+            for rnd in range(warmup_rounds + rounds):
+                # Rotate the order every round so that no variant always goes first.
+                k = rnd % len(variants)
+                order = variants[k:] + variants[:k]
+                for v in order:
+                    res = await cb.run(v, rnd)
+                    await asyncio.sleep(0.2)  # let the removal settle before the next one
+                    if rnd >= warmup_rounds:
+                        samples[v].append(res)
+                log(
+                    f"cold round {rnd + 1}/{warmup_rounds + rounds}"
+                    + (" (warm-up, not counted)" if rnd < warmup_rounds else "")
+                    + ": "
+                    + ", ".join(
+                        f"{v} {samples[v][-1]['ms']:.0f} ms"
+                        for v in variants
+                        if rnd >= warmup_rounds
+                    )
+                )
+    finally:
+        await cb.cleanup()
+    out: dict[str, Any] = {"rounds": rounds, "variants": {}, "cpu": cpu.result}
+    for v, ss in samples.items():
+        ms = [s["ms"] for s in ss]
+        phases: dict[str, list[float]] = {}
+        for s in ss:
+            for k, x in s.get("phases_ms", {}).items():
+                phases.setdefault(k, []).append(x)
+        out["variants"][v] = {
+            "ms": summary(ms),
+            "phases_p50_ms": {k: pct(x, 50) for k, x in phases.items()},
+            "raw": ss,
+        }
+        if v == "gateway":
+            out["variants"][v]["not_cold"] = sum(1 for s in ss if not s["cold_start_header"])
+    gw = out["variants"]["gateway"]["ms"]
+    for v in variants[1:]:
+        b = out["variants"][v]["ms"]
+        out["variants"][v]["ratio_gateway_over_this_p50"] = gw["p50"] / b["p50"]
+        out["variants"][v]["ratio_gateway_over_this_p90"] = gw["p90"] / b["p90"]
+    return out
+
+
+# -- 3. saturation throughput ----------------------------------------------------------------
+
+
+async def saturate(
+    request: Callable[[aiohttp.ClientSession, int], Awaitable[Sample]],
+    clients: int,
+    duration_s: float,
+) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    instances: dict[str, int] = {}
+    cold = 0
+    async with keepalive_session(limit=clients + 4) as session:
+        t0 = loop.time()
+        stop_at = t0 + duration_s
+
+        async def client(i: int) -> None:
+            nonlocal cold
+            while loop.time() < stop_at:
+                s = await request(session, i)
+                if s.ok:
+                    lat.append(s.ms)
+                    if s.headers:
+                        iid = s.headers.get("X-Imagefn-Instance", "")
+                        instances[iid] = instances.get(iid, 0) + 1
+                        if s.headers.get("X-Imagefn-Cold-Start") == "true":
+                            cold += 1
+                else:
+                    errors[s.error] = errors.get(s.error, 0) + 1
+                    await asyncio.sleep(0.01)  # no hot error loop
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        elapsed = loop.time() - t0
+    return {
+        "completed": len(lat),
+        "elapsed_s": elapsed,
+        "rps": len(lat) / elapsed,
+        "latency_ms": summary(lat),
+        "errors": errors,
+        "instances": instances,
+        "cold_starts": cold,
+    }
+
+
+async def bench_throughput(
+    ctl: Control,
+    docker: aiodocker.Docker,
+    image: str,
+    warm_fn: str,
+    clients: int,
+    duration_s: float,
+    instances: int,
+) -> dict[str, Any]:
+    plat = ctl.plat
+    multi = f"b{plat.tag}-sat{instances}"
+    await ctl.deploy(fn_spec(multi, image, max_instances=instances))
+    # Warm up until the function has all its instances (bounded).
+    gw_multi = f"{plat.url}/v1/functions/{multi}/invoke"
+    async with keepalive_session(limit=clients + 4) as s:
+        for _ in range(20):
+            await asyncio.gather(*(post_gateway(s, gw_multi) for _ in range(clients)))
+            if len(await instance_ports(docker, plat.worker_id, multi)) >= instances:
+                break
+    multi_ports = sorted((await instance_ports(docker, plat.worker_id, multi)).values())
+    single_ports = list((await instance_ports(docker, plat.worker_id, warm_fn)).values())
+    if len(single_ports) != 1:
+        raise RuntimeError(f"{warm_fn} should have exactly one instance: {single_ports}")
+    gw_single = f"{plat.url}/v1/functions/{warm_fn}/invoke"
+    log(f"throughput: {multi} has {len(multi_ports)} instances on ports {multi_ports}")
+
+    def gw(url: str) -> Callable[[aiohttp.ClientSession, int], Awaitable[Sample]]:
+        return lambda s, i: post_gateway(s, url)
+
+    def direct(ports: list[int]) -> Callable[[aiohttp.ClientSession, int], Awaitable[Sample]]:
+        urls = [f"http://127.0.0.1:{p}/event-invoke" for p in ports]
+        return lambda s, i: post_direct(s, urls[i % len(urls)])
+
+    # (key, description, request, clients)
+    configs: list[
+        tuple[str, str, Callable[[aiohttp.ClientSession, int], Awaitable[Sample]], int]
+    ] = [
+        ("gw_multi", f"gateway, max_instances={instances}", gw(gw_multi), clients),
+        (
+            "direct_multi",
+            f"direct to the same {len(multi_ports)} containers (clients spread round-robin)",
+            direct(multi_ports),
+            clients,
+        ),
+        ("gw_single", "gateway, max_instances=1", gw(gw_single), clients),
+        ("direct_single", "direct to that ONE container", direct(single_ports), clients),
+        (
+            "direct_single_c1",
+            "direct to that ONE container, 1 client (one request at a time, as the "
+            "platform sends events to an instance)",
+            direct(single_ports),
+            1,
+        ),
+    ]
+    # A short warm-up of every path, then each configuration in two halves in ABBA order
+    # within its pair, so that drift and background load hit both sides alike.
+    for _key, _d, req, c in configs:
+        await saturate(req, c, min(1.0, duration_s / 4))
+    parts: dict[str, list[tuple[dict[str, Any], dict[str, float]]]] = {k: [] for k, *_ in configs}
+    half = duration_s / 2
+    schedule = [
+        "gw_multi", "direct_multi", "direct_multi", "gw_multi",
+        "gw_single", "direct_single", "direct_single", "gw_single",
+        "direct_single_c1", "direct_single_c1",
+    ]  # fmt: skip
+    by_key = {k: (d, req, c) for k, d, req, c in configs}
+    for key in schedule:
+        _d, req, c = by_key[key]
+        with CpuWindow(plat.pid) as cpu:
+            r = await saturate(req, c, half)
+        parts[key].append((r, cpu.result))
+        log(f"throughput {key}: {r['rps']:.0f}/s over {r['elapsed_s']:.1f} s")
+    out: dict[str, Any] = {"clients": clients, "duration_s": duration_s, "rows": {}}
+    for key, desc, _req, c in configs:
+        rs = parts[key]
+        completed = sum(r["completed"] for r, _ in rs)
+        elapsed = sum(r["elapsed_s"] for r, _ in rs)
+        lat = []  # the halves' latency summaries are combined by their medians' mean
+        errors: dict[str, int] = {}
+        insts: dict[str, int] = {}
+        for r, _ in rs:
+            lat.append(r["latency_ms"])
+            for k, v in r["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+            for k, v in r["instances"].items():
+                insts[k] = insts.get(k, 0) + v
+        plat_cpu = sum(cpu["platform_cpu_s"] for _, cpu in rs)
+        out["rows"][key] = {
+            "what": desc,
+            "clients": c,
+            "completed": completed,
+            "elapsed_s": elapsed,
+            "rps": completed / elapsed if elapsed else 0.0,
+            "latency_p50_ms": sum(x["p50"] for x in lat) / len(lat),
+            "latency_p99_ms": max(x["p99"] for x in lat),
+            "errors": errors,
+            "instances_used": len(insts),
+            "cold_starts": sum(r["cold_starts"] for r, _ in rs),
+            "platform_cpu_ms_per_invocation": (plat_cpu * 1000 / completed)
+            if completed and key.startswith("gw")
+            else None,
+            "machine_busy_cores": sum(cpu["machine_busy_cores"] for _, cpu in rs) / len(rs),
+            "client_cores": sum(cpu["client_cores"] for _, cpu in rs) / len(rs),
+            "platform_cores": sum(cpu["platform_cores"] for _, cpu in rs) / len(rs),
+        }
+    rows = out["rows"]
+    out["ratio_multi"] = rows["gw_multi"]["rps"] / rows["direct_multi"]["rps"]
+    out["ratio_single"] = rows["gw_single"]["rps"] / rows["direct_single"]["rps"]
+    out["ratio_single_vs_c1"] = rows["gw_single"]["rps"] / rows["direct_single_c1"]["rps"]
+    await ctl.delete(multi)
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
+    L: list[str] = []
+    L.append("## Machine\n")
+    L.append(
+        f"- {machine['nproc']} CPUs ({machine['cpu_model']}), {machine.get('memory_gib', '?')} GiB,"
+        f" kernel {machine['kernel']}, Docker {machine['docker']}, Python {machine['python']},"
+        f" aiohttp {machine['aiohttp']}"
+    )
+    L.append(f"- load average at start: {' '.join(machine.get('loadavg_at_start', []))}")
+    L.append(f"- command: `{cmd}`")
+    L.append(f"- image: `{res['image']}`; platform log level: {res['log_level']}\n")
+
+    w = res.get("warm")
+    c = res.get("cold")
+    t = res.get("throughput")
+    L.append("## Summary\n")
+    L.append(
+        "| # | Measurement (what exactly) | imagefn gateway | bare / direct"
+        " | gateway - direct or gateway / bare | Target | Verdict |"
+    )
+    L.append("|---|---|---|---|---|---|---|")
+    if w:
+        g, d = w["gateway_ms"], w["direct_ms"]
+        L.append(
+            f"| 1a | warm no-op event, p50 latency, {w['blocks']}x{w['block_size']} sequential"
+            f" requests per path, keep-alive, alternating blocks | {g['p50']:.3f} ms"
+            f" | {d['p50']:.3f} ms | +{w['overhead_p50_ms']:.3f} ms | p50 overhead <= 2 ms"
+            f" | {verdict(w['overhead_p50_ms'] <= 2.0)} |"
+        )
+        L.append(
+            f"| 1b | same, p99 latency | {g['p99']:.3f} ms | {d['p99']:.3f} ms"
+            f" | +{w['overhead_p99_ms']:.3f} ms | - | - |"
+        )
+    if c:
+        gv = c["variants"]["gateway"]["ms"]
+        names = {
+            "docker_cli": "`docker run -d -p 127.0.0.1::9000` (CLI)",
+            "engine_api": "Engine API create+start (aiodocker), minimal config",
+            "engine_api_sandbox": "Engine API create+start, the platform's sandbox config",
+        }
+        for i, (v, label) in enumerate(names.items()):
+            if v not in c["variants"]:
+                continue
+            b = c["variants"][v]
+            r50 = b["ratio_gateway_over_this_p50"]
+            target = "<= 1.15 x bare" if v != "engine_api_sandbox" else "(diagnostic)"
+            vd = verdict(r50 <= 1.15) if v != "engine_api_sandbox" else "-"
+            L.append(
+                f"| 2{'abc'[i]} | cold start to first 200, median (p90), {c['rounds']} rounds;"
+                f" bare = {label}, polled with POST /event-invoke every 5 ms"
+                f" | {gv['p50']:.0f} ({gv['p90']:.0f}) ms | {b['ms']['p50']:.0f}"
+                f" ({b['ms']['p90']:.0f}) ms | x{r50:.2f}"
+                f" (p90 x{b['ratio_gateway_over_this_p90']:.2f})"
+                f" | {target} | {vd} |"
+            )
+    if t:
+        rows = t["rows"]
+        L.append(
+            f"| 3a | saturation, {t['clients']} clients, {t['duration_s']:g} s:"
+            f" {rows['gw_multi']['what']} vs {rows['direct_multi']['what']}"
+            f" | {rows['gw_multi']['rps']:.0f} inv/s | {rows['direct_multi']['rps']:.0f} req/s"
+            f" | x{t['ratio_multi']:.2f} | (none) | - |"
+        )
+        L.append(
+            f"| 3b | like-for-like, {t['clients']} clients: gateway max_instances=1 vs direct to"
+            f" that ONE container | {rows['gw_single']['rps']:.0f} inv/s"
+            f" | {rows['direct_single']['rps']:.0f} req/s | x{t['ratio_single']:.2f} | (none) | - |"
+        )
+        L.append(
+            f"| 3c | same gateway row vs direct to that container with 1 client (the"
+            f" concurrency an instance sees behind the gateway) | {rows['gw_single']['rps']:.0f}"
+            f" inv/s | {rows['direct_single_c1']['rps']:.0f} req/s"
+            f" | x{t['ratio_single_vs_c1']:.2f} | (none) | - |"
+        )
+    L.append("")
+
+    if w:
+        L.append("## 1. Warm latency detail (ms)\n")
+        L.append("| path | n | p50 | p90 | p99 | mean | min | max | errors |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
+        for key, label in (("gateway_ms", "gateway"), ("direct_ms", "direct")):
+            s = w[key]
+            L.append(
+                f"| {label} | {s['n']} | {s['p50']:.3f} | {s['p90']:.3f} | {s['p99']:.3f}"
+                f" | {s['mean']:.3f} | {s['min']:.3f} | {s['max']:.3f}"
+                f" | {w['errors'][label]} |"
+            )
+        st = ", ".join(f"{k} {v:.3f}" for k, v in w["server_timing_p50_ms"].items())
+        L.append(
+            f"\nGateway Server-Timing p50 (ms): {st}. Unexpected cold starts in the warm phase:"
+            f" {w['unexpected_cold_starts']}; instances seen: {len(w['instances_seen'])}."
+            f" CPU during the phase: machine {w['cpu']['machine_busy_cores']:.2f} cores busy,"
+            f" client {w['cpu']['client_cores']:.2f}, platform {w['cpu']['platform_cores']:.2f}.\n"
+        )
+    if c:
+        L.append("## 2. Cold start detail (ms)\n")
+        L.append("| variant | n | p50 | p90 | min | max | phases (p50) |")
+        L.append("|---|---|---|---|---|---|---|")
+        for v, d in c["variants"].items():
+            s = d["ms"]
+            ph = ", ".join(f"{k} {x:.1f}" for k, x in d["phases_p50_ms"].items())
+            L.append(
+                f"| {v} | {s['n']} | {s['p50']:.1f} | {s['p90']:.1f} | {s['min']:.1f}"
+                f" | {s['max']:.1f} | {ph} |"
+            )
+        nc = c["variants"]["gateway"].get("not_cold", 0)
+        L.append(
+            f"\nGateway rounds not reported as cold (X-Imagefn-Cold-Start != true): {nc}."
+            " Gateway phases come from its Server-Timing header; the bare phases are measured"
+            " by this script.\n"
+        )
+    if t:
+        L.append("## 3. Throughput detail\n")
+        L.append(
+            "| row | what | clients | completed | inv/s | p50 ms | p99 ms | errors | instances"
+            " | platform CPU ms/inv | machine busy cores | client cores | platform cores |"
+        )
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for key, r in t["rows"].items():
+            cpu_inv = r["platform_cpu_ms_per_invocation"]
+            L.append(
+                f"| {key} | {r['what']} | {r['clients']} | {r['completed']} | {r['rps']:.0f}"
+                f" | {r['latency_p50_ms']:.2f} | {r['latency_p99_ms']:.2f}"
+                f" | {sum(r['errors'].values())} | {r['instances_used'] or '-'}"
+                f" | {'-' if cpu_inv is None else f'{cpu_inv:.2f}'}"
+                f" | {r['machine_busy_cores']:.2f} | {r['client_cores']:.2f}"
+                f" | {r['platform_cores']:.2f} |"
+            )
+        L.append("")
+    return "\n".join(L)
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--image", default=DEFAULT_IMAGE, help="event-function image (no-op-ish)")
+    p.add_argument("--quick", action="store_true", help="small counts: a smoke run <= 60 s")
+    p.add_argument("--json", metavar="FILE", help="save every raw figure to FILE")
+    p.add_argument("--clients", type=int, default=32, help="concurrent clients for part 3")
+    p.add_argument("--instances", type=int, default=4, help="max_instances for part 3")
+    p.add_argument("--platform-log-level", default="info", help="IMAGEFN_LOG_LEVEL of the platform")
+    p.add_argument("--only", default="warm,cold,throughput", help="parts to run (comma separated)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.blocks, a.block_size, a.warmup = 4, 100, 50
+        a.cold_rounds, a.cold_warmup = 3, 1
+        a.duration = 2.0
+    else:
+        a.blocks, a.block_size, a.warmup = 10, 200, 200
+        a.cold_rounds, a.cold_warmup = 12, 1
+        a.duration = 10.0
+    a.parts = {x.strip() for x in a.only.split(",") if x.strip()}
+    return a
+
+
+async def amain(a: argparse.Namespace) -> int:
+    machine = machine_info()
+    cmd = " ".join([Path(sys.executable).name, *sys.argv])
+    print("# imagefn foundation benchmark\n", flush=True)
+    print(
+        f"Machine: {machine['nproc']} CPUs, {machine['cpu_model']},"
+        f" {machine.get('memory_gib', '?')} GiB RAM, kernel {machine['kernel']},"
+        f" Docker {machine['docker']},"
+        f" load average {' '.join(machine.get('loadavg_at_start', []))}\n",
+        flush=True,
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="imagefn-bench-"))
+    plat = Platform(a.redis_url, a.platform_log_level, workdir)
+    docker = aiodocker.Docker()
+    res: dict[str, Any] = {"image": a.image, "log_level": a.platform_log_level, "quick": a.quick}
+    ctl: Control | None = None
+    rc = 0
+    budget_s = 75 if a.quick else 270
+    try:
+        await docker.images.inspect(a.image)  # fail early, before starting anything
+        guarded = await plat.guard_other_installations(docker)
+        log(
+            f"starting imagefn up on {plat.url} (prefix {plat.prefix}, worker {plat.worker_id});"
+            f" guarded {guarded} other worker(s)' containers from our janitor; log {plat.log_path}"
+        )
+        await plat.start()
+        ctl = Control(plat)
+        async with asyncio.timeout(budget_s):
+            warm_fn = f"b{plat.tag}-warm"
+            if "warm" in a.parts or "throughput" in a.parts:
+                log(f"1. warm latency: {a.blocks} blocks of {a.block_size} per path")
+                res["warm"] = await bench_warm(
+                    ctl, docker, a.image, a.blocks, a.block_size, a.warmup
+                )
+                w = res["warm"]
+                log(
+                    f"warm p50 gateway {w['gateway_ms']['p50']:.3f} ms, direct"
+                    f" {w['direct_ms']['p50']:.3f} ms"
+                )
+                if "warm" not in a.parts:
+                    del res["warm"]
+            if "cold" in a.parts:
+                log(f"2. cold start: {a.cold_rounds} rounds (+{a.cold_warmup} warm-up)")
+                res["cold"] = await bench_cold(ctl, docker, a.image, a.cold_rounds, a.cold_warmup)
+            if "throughput" in a.parts:
+                log(f"3. throughput: {a.clients} clients, {a.duration:g} s per row")
+                res["throughput"] = await bench_throughput(
+                    ctl, docker, a.image, warm_fn, a.clients, a.duration, a.instances
+                )
+    except TimeoutError:
+        log(f"time budget of {budget_s} s exceeded; reporting what was measured")
+        rc = 2
+    except Exception:
+        log("benchmark failed:\n" + traceback.format_exc())
+        rc = 1
+    finally:
+        if ctl is not None:
+            await ctl.close()
+        code = await plat.stop()
+        log(f"imagefn up stopped (exit code {code})")
+        # Anything left of ours: the platform's instances, then our bare containers.
+        leftovers = 0
+        with contextlib.suppress(aiodocker.exceptions.DockerError):
+            for lbl in (f"{WORKER_LABEL}={plat.worker_id}", f"{BENCH_LABEL}={plat.tag}"):
+                for c in await docker.containers.list(
+                    all=True, filters=json.dumps({"label": [lbl]})
+                ):
+                    leftovers += 1
+                    with contextlib.suppress(aiodocker.exceptions.DockerError):
+                        await c.delete(force=True)
+        if leftovers:
+            log(f"removed {leftovers} leftover container(s)")
+        await docker.close()
+        with contextlib.suppress(Exception):
+            r = aioredis.Redis.from_url(a.redis_url)
+            keys = [k async for k in r.scan_iter(match=f"{plat.prefix}:*", count=1000)]
+            if keys:
+                await r.delete(*keys)
+            await r.aclose()
+    res["machine"] = machine
+    res["command"] = cmd
+    res["platform"] = {"prefix": plat.prefix, "worker_id": plat.worker_id, "port": plat.port}
+    with contextlib.suppress(OSError):
+        machine["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]  # noqa: ASYNC240
+    report = render(machine, cmd, res)
+    print(report, flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1, default=str))  # noqa: ASYNC240
+        log(f"raw figures saved to {a.json}")
+    if rc == 0:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        log(f"platform log kept in {plat.log_path}")
+    return rc
+
+
+def main() -> int:
+    a = parse_args()
+    try:
+        return asyncio.run(amain(a))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

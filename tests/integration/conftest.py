@@ -1,0 +1,261 @@
+"""Integration fixtures: a real Redis (started here, on its own port), the real Docker
+engine, the gateway in the test's event loop and workers as real subprocesses (so they
+can be SIGKILLed).
+
+Nothing here skips: a missing engine or image fails the suite with a message saying what
+to run (``deploy/setup.sh``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.app import build_app
+from shared.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+TESTFN = "imagefn-test/testfn:latest"
+IMAGES = {
+    TESTFN: REPO / "tests/images/testfn",
+    "imagefn-examples/hello-event:latest": REPO / "examples/hello-event",
+    "imagefn-examples/web-app:latest": REPO / "examples/web-app",
+}
+# Every worker id the suite starts; the session ends by checking none left a container.
+STARTED_WORKERS: list[str] = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
+
+
+def managed_containers(worker_ids: list[str] | None = None) -> list[dict[str, str]]:
+    out = docker("ps", "-a", "--filter", "label=imagefn.managed=1", "--format", "{{json .}}").stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    if worker_ids is None:
+        return rows
+    return [
+        r for r in rows if any(f"imagefn.worker={w}" in r.get("Labels", "") for w in worker_ids)
+    ]
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    if shutil.which("docker") is None or docker("info", check=False).returncode != 0:
+        pytest.fail("the Docker engine does not answer; run deploy/setup.sh first")
+    for tag, context in IMAGES.items():
+        if docker("image", "inspect", tag, check=False).returncode != 0:
+            built = docker("build", "-q", "-t", tag, str(context), check=False)
+            if built.returncode != 0:
+                pytest.fail(f"cannot build {tag}: {built.stderr[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed; run deploy/setup.sh first")
+    port = free_port()
+    data = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            break
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("redis-server did not start")
+        time.sleep(0.02)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+def platform_env(redis_url: str, prefix: str) -> dict[str, str]:
+    """Settings with short timings so takeover and clean-up tests finish in seconds."""
+    return {
+        "IMAGEFN_REDIS_URL": redis_url,
+        "IMAGEFN_PREFIX": prefix,
+        "IMAGEFN_RECLAIM_IDLE_MS": "3000",
+        "IMAGEFN_CLAIM_REFRESH_S": "0.5",
+        "IMAGEFN_HEARTBEAT_S": "0.5",
+        "IMAGEFN_HEARTBEAT_TTL_S": "2",
+        "IMAGEFN_JANITOR_INTERVAL_S": "1",
+        "IMAGEFN_DRAIN_TIMEOUT_S": "10",
+        "IMAGEFN_LOG_LEVEL": "info",
+    }
+
+
+class WorkerProcess:
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.worker_id = f"it-{uuid.uuid4().hex[:8]}"
+        STARTED_WORKERS.append(self.worker_id)
+        self.log_path = log_dir / f"{self.worker_id}.log"
+        full_env = {**os.environ, **env, "IMAGEFN_WORKER_ID": self.worker_id}
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "worker"],
+            env=full_env,
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_ready(self, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while "worker_ready" not in self.log_text():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited early:\n{self.log_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker not ready:\n{self.log_text()[-3000:]}")
+            await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    async def stop(self, timeout_s: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while self.proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            if self.proc.poll() is None:
+                self.proc.kill()
+        self._log.close()
+        return int(self.proc.wait(10))
+
+
+@dataclass
+class Platform:
+    url: str
+    env: dict[str, str]
+    prefix: str
+    log_dir: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    async def add_worker(self) -> WorkerProcess:
+        w = WorkerProcess(self.env, self.log_dir)
+        self.workers.append(w)
+        await w.wait_ready()
+        return w
+
+    async def deploy(self, client: aiohttp.ClientSession, name: str, **spec: Any) -> dict[str, Any]:
+        body = {"image": TESTFN, **spec}
+        async with client.put(f"{self.url}/v1/functions/{name}", json=body) as resp:
+            data: dict[str, Any] = await resp.json()
+            assert resp.status in (200, 201), data
+            return data
+
+    async def invoke(
+        self, client: aiohttp.ClientSession, name: str, event: Any = None
+    ) -> tuple[int, CIMultiDict[str], Any]:
+        async with client.post(
+            f"{self.url}/v1/functions/{name}/invoke", json=event if event is not None else {}
+        ) as resp:
+            raw = await resp.read()
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw
+            # Case-insensitive, as HTTP headers are (the wire may say X-Request-ID).
+            return resp.status, CIMultiDict(resp.headers), body
+
+
+@contextlib.asynccontextmanager
+async def running_platform(
+    redis_url: str, log_dir: Path, *, workers: int = 1, prefix: str | None = None
+) -> AsyncIterator[Platform]:
+    """A gateway in this event loop plus worker subprocesses, all on one key prefix."""
+    prefix = prefix or f"it-{uuid.uuid4().hex[:8]}"
+    env = platform_env(redis_url, prefix)
+    settings = load_settings(env)
+    runner = web.AppRunner(build_app(settings), access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    platform = Platform(url=f"http://127.0.0.1:{port}", env=env, prefix=prefix, log_dir=log_dir)
+    try:
+        for _ in range(workers):
+            await platform.add_worker()
+        yield platform
+    finally:
+        for w in platform.workers:
+            await w.stop()
+        await runner.cleanup()
+        r = aioredis.Redis.from_url(redis_url)
+        with contextlib.suppress(Exception):
+            keys = [k async for k in r.scan_iter(f"{prefix}:*")]
+            if keys:
+                await r.delete(*keys)
+        await r.aclose()
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+async def platform(docker_engine: None, redis_url: str, log_dir: Path) -> AsyncIterator[Platform]:
+    """One platform shared by the tests that need no private one (each deploys its own
+    function names)."""
+    async with running_platform(redis_url, log_dir, workers=1) as p:
+        yield p
+    left = managed_containers(STARTED_WORKERS)
+    assert not left, f"containers left behind after the suite: {left}"
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        yield s
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,148 @@
+"""Deploy and invoke event and web functions end to end: gateway → Redis → worker → container."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from tests.integration.conftest import Platform, unique
+
+
+async def test_event_invoke_carries_contract_headers_and_reuses_warm_instance(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("evt")
+    await platform.deploy(client, name, memory_mb=128, timeout_s=5, env={"TEST_GREETING": "hi"})
+
+    status, headers, body = await platform.invoke(client, name, {"hello": "world"})
+    assert status == 200, body
+    request_id = headers["X-Request-Id"]
+    assert body["request_id"] == request_id
+    assert body["event"] == {"hello": "world"}
+    sent = {k.lower(): v for k, v in body["headers"].items()}
+    assert sent["x-scf-request-id"] == request_id
+    assert sent["x-scf-name"] == name
+    assert sent["x-scf-memory"] == "128"
+    assert sent["x-scf-timeout"] == "5000"
+    assert sent["x-scf-namespace"] == "default"
+    assert sent["x-scf-version"] == "$LATEST"
+    assert sent["content-type"] == "application/json"
+    assert body["env"] == {"TEST_GREETING": "hi"}
+    assert headers["X-Imagefn-Cold-Start"] == "true"
+    assert "ready;dur=" in headers["Server-Timing"]
+
+    status2, headers2, body2 = await platform.invoke(client, name, {"n": 2})
+    assert status2 == 200
+    assert headers2["X-Imagefn-Cold-Start"] == "false"
+    assert headers2["X-Imagefn-Instance"] == headers["X-Imagefn-Instance"]
+    assert body2["hostname"] == body["hostname"]
+    assert body2["request_id"] == headers2["X-Request-Id"] != request_id
+
+
+async def test_caller_request_id_travels_to_the_container(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("rid")
+    await platform.deploy(client, name)
+    rid = "trace-0123456789"
+    async with client.post(
+        f"{platform.url}/v1/functions/{name}/invoke", json={}, headers={"X-Request-Id": rid}
+    ) as resp:
+        body = await resp.json()
+        assert resp.headers["X-Request-Id"] == rid
+    assert body["request_id"] == rid
+
+
+async def test_parallel_invocations_run_on_separate_instances(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("par")
+    n = 4
+    await platform.deploy(client, name, max_instances=n, timeout_s=10, memory_mb=64)
+    results = await asyncio.gather(
+        *(platform.invoke(client, name, {"sleep": 1.0}) for _ in range(n))
+    )
+    assert all(status == 200 for status, _, _ in results), results
+    instances = {headers["X-Imagefn-Instance"] for _, headers, _ in results}
+    hostnames = {body["hostname"] for _, _, body in results}
+    assert len(instances) == n
+    assert len(hostnames) == n
+
+
+async def test_max_instances_queues_instead_of_overrunning(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("cap")
+    await platform.deploy(client, name, max_instances=1, timeout_s=10)
+    results = await asyncio.gather(
+        *(platform.invoke(client, name, {"sleep": 0.3}) for _ in range(3))
+    )
+    assert [s for s, _, _ in results] == [200, 200, 200]
+    assert len({h["X-Imagefn-Instance"] for _, h, _ in results}) == 1
+
+
+async def test_event_function_error_status_is_user_code_error(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("err")
+    await platform.deploy(client, name)
+    status, headers, body = await platform.invoke(client, name, {"status": 500, "body": "nope"})
+    assert status == 502
+    assert headers["X-Scf-Error-Type"] == "UserCodeError"
+    assert body["error"]["function_status"] == 500
+    assert "nope" in body["error"]["function_body"]
+    # The instance answered properly, so it stays warm.
+    status2, headers2, _ = await platform.invoke(client, name, {})
+    assert status2 == 200
+    assert headers2["X-Imagefn-Cold-Start"] == "false"
+
+
+async def test_web_function_gets_the_native_request(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("web")
+    await platform.deploy(client, name, type="web")
+    async with client.put(
+        f"{platform.url}/web/{name}/some/path%20x?a=1&b=two",
+        data=b"payload-bytes",
+        headers={
+            "X-Custom": "yes",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "must-not-pass",
+            "X-Scf-Name": "spoofed",
+        },
+    ) as resp:
+        assert resp.status == 200
+        echo = await resp.json()
+        rid = resp.headers["X-Request-Id"]
+    assert echo["method"] == "PUT"
+    assert echo["path"] == "/some/path%20x"
+    assert echo["query"] in ("a=1&b=two", {"a": ["1"], "b": ["two"]}, {"a": "1", "b": "two"})
+    assert echo["body"] == "payload-bytes"
+    hdrs = {k.lower(): v for k, v in echo["headers"].items()}
+    assert hdrs["x-custom"] == "yes"
+    assert "x-hop" not in hdrs
+    assert hdrs["x-scf-request-id"] == rid
+    assert hdrs["x-scf-name"] == name  # the platform's, not the caller's
+
+
+async def test_web_app_example_routes_and_statuses(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("webapp")
+    await platform.deploy(client, name, type="web", image="imagefn-examples/web-app:latest")
+    base = f"{platform.url}/web/{name}"
+    async with client.post(f"{base}/items", json={"name": "first"}) as resp:
+        assert resp.status == 201
+        created = await resp.json()
+    async with client.get(f"{base}/items") as resp:
+        assert resp.status == 200
+        listing = await resp.json()
+    assert created in (listing if isinstance(listing, list) else listing.get("items", []))
+    async with client.get(f"{base}/items/999999") as resp:
+        # The app's own 404 passes through untouched: it is not a platform error.
+        assert resp.status == 404
+        assert "X-Scf-Error-Type" not in resp.headers
+    async with client.get(f"{base}") as resp:
+        assert resp.status == 200

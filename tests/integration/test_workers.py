@@ -1,0 +1,167 @@
+"""Worker lifecycle: takeover after SIGKILL, orphan clean-up, idle removal, the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.integration.conftest import (
+    TESTFN,
+    Platform,
+    docker,
+    managed_containers,
+    running_platform,
+    unique,
+)
+
+
+async def wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def test_invocation_held_by_a_killed_worker_is_completed_by_another(
+    redis_url: str, log_dir: Path, docker_engine: None, client: aiohttp.ClientSession
+) -> None:
+    async with running_platform(redis_url, log_dir, workers=1) as p:
+        name = unique("takeover")
+        await p.deploy(client, name, timeout_s=20)
+        first = p.workers[0]
+        call = asyncio.create_task(p.invoke(client, name, {"sleep": 3}))
+        # Wait until the first worker holds it (its container is running the request).
+        await wait_for(
+            lambda: "instance_ready" in first.log_text(),
+            20,
+            "the first worker to start an instance",
+        )
+        await asyncio.sleep(0.3)
+        first.kill()
+        assert not call.done()
+        second = await p.add_worker()
+        status, _headers, body = await asyncio.wait_for(call, 60)
+        assert status == 200, body
+        assert "invocation_reclaimed" in second.log_text()
+        # The dead worker's container is removed by the survivor's janitor.
+        await wait_for(
+            lambda: not managed_containers([first.worker_id]), 30, "orphaned containers to go"
+        )
+
+
+async def test_containers_of_dead_workers_are_removed(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    dead = f"dead-{unique('w')}"
+    cid = docker(
+        "run",
+        "-d",
+        "--label",
+        "imagefn.managed=1",
+        "--label",
+        f"imagefn.worker={dead}",
+        "--label",
+        "imagefn.function=ghost",
+        "--label",
+        f"imagefn.installation={platform.prefix}",
+        TESTFN,
+    ).stdout.strip()
+    try:
+        await wait_for(lambda: not managed_containers([dead]), 20, "the janitor")
+    finally:
+        docker("rm", "-f", cid, check=False)
+
+
+async def test_idle_instances_are_removed_after_idle_ttl(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("idle")
+    await platform.deploy(client, name, idle_ttl_s=1)
+    status, headers, _ = await platform.invoke(client, name, {})
+    assert status == 200
+    instance = headers["X-Imagefn-Instance"]
+
+    def gone() -> bool:
+        out = docker("ps", "-a", "--filter", f"label=imagefn.instance={instance}", "-q").stdout
+        return not out.strip()
+
+    assert not gone()
+    await wait_for(gone, 15, "the idle instance to be removed")
+    status, headers, _ = await platform.invoke(client, name, {})
+    assert status == 200 and headers["X-Imagefn-Cold-Start"] == "true"
+
+
+async def test_instance_killed_while_idle_is_replaced(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("killed")
+    await platform.deploy(client, name)
+    _, headers, _ = await platform.invoke(client, name, {})
+    instance = headers["X-Imagefn-Instance"]
+    cid = docker("ps", "-q", "--filter", f"label=imagefn.instance={instance}").stdout.strip()
+    docker("kill", cid)
+    await asyncio.sleep(0.5)
+    status, headers, body = await platform.invoke(client, name, {})
+    assert status == 200, body
+    assert headers["X-Imagefn-Instance"] != instance
+
+
+async def test_every_instance_runs_in_the_sandbox(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("sandbox")
+    await platform.deploy(client, name, memory_mb=192, cpus=0.5, env={"TEST_A": "1"})
+    status, headers, body = await platform.invoke(client, name, {})
+    assert status == 200
+    assert body["tmp_writable"] is True
+    assert body["root_writable"] is False
+    instance = headers["X-Imagefn-Instance"]
+    cid = docker("ps", "-q", "--filter", f"label=imagefn.instance={instance}").stdout.strip()
+    info = json.loads(docker("inspect", cid).stdout)[0]
+    host = info["HostConfig"]
+    assert host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"]
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["Memory"] == 192 * 1024 * 1024
+    assert host["NanoCpus"] == 500_000_000
+    assert host["PidsLimit"] == 1024
+    assert "/tmp" in host["Tmpfs"]
+    assert not host.get("Binds")
+    assert not info["Mounts"]
+    assert host["Privileged"] is False
+    bindings = info["NetworkSettings"]["Ports"]["9000/tcp"]
+    assert bindings and all(b["HostIp"] == "127.0.0.1" for b in bindings)
+    labels = info["Config"]["Labels"]
+    assert labels["imagefn.function"] == name
+    assert labels["imagefn.instance"] == instance
+    assert labels["imagefn.worker"] == platform.workers[0].worker_id
+    env = dict(e.split("=", 1) for e in info["Config"]["Env"])
+    assert env["TEST_A"] == "1"
+    # The image was pinned at deploy: instances run the resolved id, not the tag.
+    async with client.get(f"{platform.url}/v1/functions/{name}") as resp:
+        record = await resp.json()
+    assert info["Image"] == record["image_id"]
+
+
+async def test_worker_logs_carry_request_id_function_and_instance(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("logs")
+    await platform.deploy(client, name)
+    _, headers, _ = await platform.invoke(client, name, {})
+    rid = headers["X-Request-Id"]
+    await asyncio.sleep(0.2)
+    lines = [
+        json.loads(line)
+        for line in platform.workers[0].log_text().splitlines()
+        if line.startswith("{") and rid in line
+    ]
+    done = [entry for entry in lines if entry["event"] == "invocation_done"]
+    assert done, lines
+    assert done[0]["function"] == name
+    assert done[0]["instance"] == headers["X-Imagefn-Instance"]

@@ -1,0 +1,66 @@
+"""shared.http.strip_hop_by_hop."""
+
+from __future__ import annotations
+
+from shared.http import strip_hop_by_hop
+
+
+def test_hop_by_hop_and_framing_headers_are_removed() -> None:
+    headers = [
+        ("Connection", "keep-alive"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Authenticate", "Basic"),
+        ("Proxy-Authorization", "Basic x"),
+        ("Proxy-Connection", "close"),
+        ("TE", "trailers"),
+        ("Trailer", "Expires"),
+        ("Transfer-Encoding", "chunked"),
+        ("Upgrade", "websocket"),
+        ("Content-Length", "12"),
+        ("Host", "example.com"),
+        ("Content-Type", "text/plain"),
+    ]
+    assert strip_hop_by_hop(headers) == [("Content-Type", "text/plain")]
+
+
+def test_headers_named_by_connection_are_removed() -> None:
+    headers = [
+        ("Connection", "close, X-Private ,  x-other,,"),
+        ("X-Private", "secret"),
+        ("X-OTHER", "1"),
+        ("X-Public", "ok"),
+    ]
+    assert strip_hop_by_hop(headers) == [("X-Public", "ok")]
+
+
+def test_several_connection_headers_all_count() -> None:
+    headers = [("Connection", "X-A"), ("X-A", "1"), ("connection", "X-B"), ("X-B", "2")]
+    assert strip_hop_by_hop(headers) == []
+
+
+def test_matching_is_case_insensitive() -> None:
+    headers = [("TRANSFER-ENCODING", "chunked"), ("keep-alive", "1"), ("uPgRaDe", "h2c")]
+    assert strip_hop_by_hop(headers) == []
+
+
+def test_end_to_end_headers_keep_order_case_and_repeats() -> None:
+    headers = [
+        ("Set-Cookie", "a=1"),
+        ("Connection", "close"),
+        ("X-Request-Id", "r1"),
+        ("Set-Cookie", "b=2"),
+        ("Cache-Control", "no-cache"),
+        ("set-cookie", "c=3"),
+    ]
+    assert strip_hop_by_hop(headers) == [
+        ("Set-Cookie", "a=1"),
+        ("X-Request-Id", "r1"),
+        ("Set-Cookie", "b=2"),
+        ("Cache-Control", "no-cache"),
+        ("set-cookie", "c=3"),
+    ]
+
+
+def test_accepts_any_iterable_once() -> None:
+    gen = (h for h in [("Connection", "X-A"), ("X-A", "1"), ("X-B", "2")])
+    assert strip_hop_by_hop(gen) == [("X-B", "2")]

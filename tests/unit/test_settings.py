@@ -1,0 +1,144 @@
+"""shared.settings.load_settings: from a plain mapping, never from os.environ."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from shared.errors import InvalidRequest
+from shared.settings import (
+    GatewaySettings,
+    QueueSettings,
+    RedisSettings,
+    WorkerSettings,
+    load_settings,
+)
+
+
+def test_empty_env_gives_the_defaults() -> None:
+    s = load_settings({})
+    assert s.redis == RedisSettings()
+    assert s.redis.url == "redis://127.0.0.1:6379/0"
+    assert s.queue == QueueSettings()
+    assert s.gateway == GatewaySettings()
+    assert s.log_level == "info"
+    # Only the worker id is generated; every other worker setting is the default.
+    assert s.worker.worker_id
+    assert dataclasses.replace(s.worker, worker_id="") == WorkerSettings()
+
+
+def test_generated_worker_ids_differ() -> None:
+    assert load_settings({}).worker.worker_id != load_settings({}).worker.worker_id
+
+
+def test_empty_strings_mean_unset() -> None:
+    env = {
+        "IMAGEFN_GATEWAY_PORT": "",
+        "IMAGEFN_RESULT_GRACE_S": "",
+        "IMAGEFN_CHECK_IMAGES": "",
+        "IMAGEFN_WORKER_ID": "",
+        "IMAGEFN_DOCKER_URL": "",
+    }
+    s = load_settings(env)
+    assert s.gateway == GatewaySettings()
+    assert s.worker.worker_id != ""
+    assert s.worker.docker_url is None
+
+
+def test_overrides() -> None:
+    env = {
+        "IMAGEFN_REDIS_URL": "redis://redis:6380/2",
+        "IMAGEFN_QUEUE_BACKEND": "redis",
+        "IMAGEFN_PREFIX": "staging",
+        "IMAGEFN_RECLAIM_IDLE_MS": "30000",
+        "IMAGEFN_CLAIM_REFRESH_S": "1.5",
+        "IMAGEFN_REPLY_TTL_S": "60",
+        "IMAGEFN_GATEWAY_HOST": "0.0.0.0",
+        "IMAGEFN_GATEWAY_PORT": "9090",
+        "IMAGEFN_MAX_BODY_BYTES": "1024",
+        "IMAGEFN_RESULT_GRACE_S": "0.5",
+        "IMAGEFN_CHECK_IMAGES": "false",
+        "IMAGEFN_WORKER_ID": "w-7",
+        "IMAGEFN_DOCKER_URL": "unix:///tmp/docker.sock",
+        "IMAGEFN_WORKER_MAX_INFLIGHT": "8",
+        "IMAGEFN_WORKER_MEMORY_MB": "2048",
+        "IMAGEFN_HEARTBEAT_S": "0.25",
+        "IMAGEFN_HEARTBEAT_TTL_S": "1",
+        "IMAGEFN_JANITOR_INTERVAL_S": "3",
+        "IMAGEFN_DRAIN_TIMEOUT_S": "4.5",
+        "IMAGEFN_LOG_LEVEL": "debug",
+    }
+    s = load_settings(env)
+    assert s.redis.url == "redis://redis:6380/2"
+    assert s.queue == QueueSettings(
+        backend="redis",
+        prefix="staging",
+        reclaim_idle_ms=30000,
+        claim_refresh_s=1.5,
+        reply_ttl_s=60,
+    )
+    assert s.gateway == GatewaySettings(
+        host="0.0.0.0", port=9090, max_body_bytes=1024, result_grace_s=0.5, check_images=False
+    )
+    w = s.worker
+    assert (w.worker_id, w.docker_url) == ("w-7", "unix:///tmp/docker.sock")
+    assert (w.max_inflight, w.memory_capacity_mb) == (8, 2048)
+    assert (w.heartbeat_s, w.heartbeat_ttl_s) == (0.25, 1.0)
+    assert (w.janitor_interval_s, w.drain_timeout_s) == (3.0, 4.5)
+    assert s.log_level == "debug"
+
+
+def test_other_variables_are_ignored() -> None:
+    s = load_settings({"PATH": "/bin", "IMAGEFN_UNKNOWN": "x", "imagefn_gateway_port": "1"})
+    assert s.gateway.port == 8080
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        ("On", True),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("OFF", False),
+    ],
+)
+def test_bool_spellings(raw: str, expected: bool) -> None:
+    assert load_settings({"IMAGEFN_CHECK_IMAGES": raw}).gateway.check_images is expected
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "kind"),
+    [
+        ("IMAGEFN_GATEWAY_PORT", "80a", "integer"),
+        ("IMAGEFN_GATEWAY_PORT", "1.5", "integer"),
+        ("IMAGEFN_RECLAIM_IDLE_MS", "lots", "integer"),
+        ("IMAGEFN_WORKER_MEMORY_MB", "2G", "integer"),
+        ("IMAGEFN_RESULT_GRACE_S", "5s", "number"),
+        ("IMAGEFN_HEARTBEAT_S", "fast", "number"),
+        ("IMAGEFN_CHECK_IMAGES", "maybe", "boolean"),
+        ("IMAGEFN_CHECK_IMAGES", "2", "boolean"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, raw: str, kind: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        load_settings({name: raw})
+    assert name in info.value.message
+    assert repr(raw) in info.value.message
+    assert kind in info.value.message
+
+
+@pytest.mark.parametrize("backend", ["kafka", "memory", "", "Redis"])
+def test_unknown_queue_backend_is_rejected(backend: str) -> None:
+    with pytest.raises(InvalidRequest, match="IMAGEFN_QUEUE_BACKEND"):
+        load_settings({"IMAGEFN_QUEUE_BACKEND": backend})
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.gateway.port = 1  # type: ignore[misc]
