@@ -596,10 +596,13 @@ class ColdBench:
         t0 = time.perf_counter_ns()
         status, headers, body = await self.ctl.invoke(name)
         ms = (time.perf_counter_ns() - t0) / 1e6
-        if status != 200:
-            raise RuntimeError(f"cold invoke {name}: HTTP {status}: {body[:300]!r}")
         cold = headers.get("X-Imagefn-Cold-Start") == "true"
         phases = parse_server_timing(headers.get("Server-Timing", ""))
+        error = ""
+        if status != 200:
+            # A failed cold start is a finding, not a reason to stop: count it, report it.
+            error = f"HTTP {status}: {body[:400].decode(errors='replace')}"
+            log(f"cold invoke {name} failed after {ms:.0f} ms: {error}")
         # Clean up outside the timing: delete the function and wait for its instance to
         # reach its 1 s idle TTL and be removed, so it does not run into the next round.
         await self.ctl.delete(name)
@@ -619,7 +622,10 @@ class ColdBench:
             if not left:
                 break
             await asyncio.sleep(0.1)
-        return {"ms": ms, "cold_start_header": cold, "phases_ms": phases}
+        out = {"ms": ms, "ok": not error, "cold_start_header": cold, "phases_ms": phases}
+        if error:
+            out["error"] = error
+        return out
 
     async def _remove(self, cid: str) -> None:
         with contextlib.suppress(aiodocker.exceptions.DockerError):
@@ -710,8 +716,15 @@ async def bench_cold(
                 # Rotate the order every round so that no variant always goes first.
                 k = rnd % len(variants)
                 order = variants[k:] + variants[:k]
+                this_round: dict[str, dict[str, Any]] = {}
                 for v in order:
-                    res = await cb.run(v, rnd)
+                    try:
+                        res = await cb.run(v, rnd)
+                    except Exception as e:
+                        log(f"cold {v} round {rnd} failed: {e}")
+                        res = {"ms": float("nan"), "ok": False, "error": str(e)[:400]}
+                    res.setdefault("ok", True)
+                    this_round[v] = res
                     await asyncio.sleep(0.2)  # let the removal settle before the next one
                     if rnd >= warmup_rounds:
                         samples[v].append(res)
@@ -720,27 +733,31 @@ async def bench_cold(
                     + (" (warm-up, not counted)" if rnd < warmup_rounds else "")
                     + ": "
                     + ", ".join(
-                        f"{v} {samples[v][-1]['ms']:.0f} ms"
-                        for v in variants
-                        if rnd >= warmup_rounds
+                        f"{v} {r['ms']:.0f} ms" + ("" if r["ok"] else " FAILED")
+                        for v, r in this_round.items()
                     )
                 )
     finally:
         await cb.cleanup()
     out: dict[str, Any] = {"rounds": rounds, "variants": {}, "cpu": cpu.result}
     for v, ss in samples.items():
-        ms = [s["ms"] for s in ss]
+        good = [s for s in ss if s["ok"]]
+        ms = [s["ms"] for s in good]
         phases: dict[str, list[float]] = {}
-        for s in ss:
+        for s in good:
             for k, x in s.get("phases_ms", {}).items():
                 phases.setdefault(k, []).append(x)
         out["variants"][v] = {
             "ms": summary(ms),
+            "failures": len(ss) - len(good),
+            "failure_messages": [s.get("error", "") for s in ss if not s["ok"]],
             "phases_p50_ms": {k: pct(x, 50) for k, x in phases.items()},
             "raw": ss,
         }
         if v == "gateway":
-            out["variants"][v]["not_cold"] = sum(1 for s in ss if not s["cold_start_header"])
+            out["variants"][v]["not_cold"] = sum(
+                1 for s in ss if s["ok"] and not s.get("cold_start_header")
+            )
     gw = out["variants"]["gateway"]["ms"]
     for v in variants[1:]:
         b = out["variants"][v]["ms"]
@@ -963,7 +980,9 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
             vd = verdict(r50 <= 1.15) if v != "engine_api_sandbox" else "-"
             L.append(
                 f"| 2{'abc'[i]} | cold start to first 200, median (p90), {c['rounds']} rounds;"
-                f" bare = {label}, polled with POST /event-invoke every 5 ms"
+                f" bare = {label}, polled with POST /event-invoke every 5 ms;"
+                f" failed rounds: gateway {c['variants']['gateway']['failures']},"
+                f" bare {b['failures']}"
                 f" | {gv['p50']:.0f} ({gv['p90']:.0f}) ms | {b['ms']['p50']:.0f}"
                 f" ({b['ms']['p90']:.0f}) ms | x{r50:.2f}"
                 f" (p90 x{b['ratio_gateway_over_this_p90']:.2f})"
@@ -1010,16 +1029,20 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
         )
     if c:
         L.append("## 2. Cold start detail (ms)\n")
-        L.append("| variant | n | p50 | p90 | min | max | phases (p50) |")
-        L.append("|---|---|---|---|---|---|---|")
+        L.append("| variant | n ok | failed | p50 | p90 | min | max | phases (p50) |")
+        L.append("|---|---|---|---|---|---|---|---|")
         for v, d in c["variants"].items():
             s = d["ms"]
             ph = ", ".join(f"{k} {x:.1f}" for k, x in d["phases_p50_ms"].items())
             L.append(
-                f"| {v} | {s['n']} | {s['p50']:.1f} | {s['p90']:.1f} | {s['min']:.1f}"
+                f"| {v} | {s['n']} | {d['failures']} | {s['p50']:.1f} | {s['p90']:.1f}"
+                f" | {s['min']:.1f}"
                 f" | {s['max']:.1f} | {ph} |"
             )
         nc = c["variants"]["gateway"].get("not_cold", 0)
+        for v, d in c["variants"].items():
+            for msg in d["failure_messages"]:
+                L.append(f"- {v} failure: `{msg[:300]}`")
         L.append(
             f"\nGateway rounds not reported as cold (X-Imagefn-Cold-Start != true): {nc}."
             " Gateway phases come from its Server-Timing header; the bare phases are measured"

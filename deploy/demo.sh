@@ -49,7 +49,7 @@ done
 for call in "first call: starts an instance (cold)" "second call: reuses the warm instance"; do
   step "imagefn invoke hello-event --data '{\"name\":\"imagefn\"}'   # $call"
   t0=$(date +%s%N)
-  "$IMAGEFN" invoke hello-event --data '{"name":"imagefn"}'
+  "$IMAGEFN" invoke -v hello-event --data '{"name":"imagefn"}'
   echo "($(ms_since "$t0") ms, CLI start-up included)"
 done
 

@@ -13,6 +13,7 @@ from workers.pool import ContainerPool
 
 from .fakes import FakeForwarder, FakeRuntime
 
+INSTALLATION = "imagefn-test"
 FAST_WORKER = WorkerSettings(
     worker_id="w-test",
     ready_poll_interval_s=0.002,
@@ -29,7 +30,11 @@ class PoolKit:
         self.runtime = FakeRuntime()
         self.forwarder = FakeForwarder()
         self.pool = ContainerPool(
-            self.runtime, cast(Forwarder, self.forwarder), settings, settings.worker_id
+            self.runtime,
+            cast(Forwarder, self.forwarder),
+            settings,
+            settings.worker_id,
+            INSTALLATION,
         )
 
 

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.errors import ImagefnError
 from shared.messages import Invocation
 from workers.forwarder import Response
 from workers.runtime import ContainerConfig, ContainerState, ManagedContainer
@@ -30,7 +29,7 @@ class Behaviour:
     """How the next container created by FakeRuntime behaves."""
 
     # start() raises this (a factory, so every container gets a fresh exception).
-    start_error: Callable[[], ImagefnError] | None = None
+    start_error: Callable[[], Exception] | None = None
     # The process exits right after start with this code (never listens).
     exit_code: int | None = None
     oom_killed: bool = False

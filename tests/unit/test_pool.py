@@ -1,0 +1,452 @@
+"""workers.pool.ContainerPool over an in-memory runtime and a scripted forwarder.
+
+"Ready" fake containers are real TCP listeners on 127.0.0.1, so the pool's own readiness
+probe (workers.probe.probe_port) runs unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+
+from shared.errors import ContainerInitError, FunctionTimeout
+from shared.messages import Invocation, InvocationResult
+from workers.forwarder import ConnectionLost, Response
+from workers.instance import State
+from workers.runtime import (
+    LABEL_FUNCTION,
+    LABEL_INSTALLATION,
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    LABEL_WORKER,
+)
+
+from .conftest import INSTALLATION, PoolKit
+from .fakes import Behaviour
+from .helpers import eventually, make_invocation, make_record
+
+COLD_TIMINGS = {"queue", "create", "start", "ready", "run"}
+
+
+def error_type(result: InvocationResult) -> str | None:
+    return None if result.error is None else result.error["type"]
+
+
+def gate_step(gate: asyncio.Event, reached: list[int] | None = None):  # type: ignore[no-untyped-def]
+    """A forwarder step that holds the request until ``gate`` is set."""
+
+    async def step(port: int, inv: Invocation, timeout_s: float) -> Response:
+        if reached is not None:
+            reached.append(port)
+        await asyncio.wait_for(gate.wait(), 3)
+        return Response(200, [], inv.request_id.encode())
+
+    return step
+
+
+# -- cold and warm -------------------------------------------------------------------------
+
+
+async def test_first_invoke_is_cold_then_warm_on_the_same_instance(kit: PoolKit) -> None:
+    record = make_record("hello", command=("srv",), args=("-p", "9000"), env={"A": "1"})
+    r1 = await kit.pool.invoke(make_invocation(record, request_id="r1"))
+    assert r1.error is None, r1.error
+    assert (r1.request_id, r1.status, r1.body) == ("r1", 200, b'{"ok":true}')
+    assert r1.headers == [("Content-Type", "application/json")]
+    assert r1.cold_start is True
+    assert r1.worker == "w-test"
+    assert COLD_TIMINGS <= set(r1.timings)
+    assert all(v >= 0 for v in r1.timings.values())
+
+    [inst] = kit.pool.instances()
+    assert r1.instance == inst.id
+    assert inst.state is State.READY and inst.inflight == 0
+    [container] = kit.runtime.containers.values()
+    # The request went to the port the engine published for this container.
+    assert kit.forwarder.calls[0][0] == container.port == inst.host_port
+    assert kit.pool.owns_container(container.id)
+
+    r2 = await kit.pool.invoke(make_invocation(record, request_id="r2"))
+    assert r2.error is None
+    assert r2.cold_start is False
+    assert r2.instance == inst.id
+    assert "create" not in r2.timings and "ready" not in r2.timings
+    assert {"queue", "run"} <= set(r2.timings)
+    assert len(kit.runtime.containers) == 1
+    assert inst.invocations == 2
+
+
+async def test_container_config_comes_from_the_record(kit: PoolKit) -> None:
+    record = make_record(
+        "cfg", revision=3, command=("python3",), args=("app.py",), env={"K": "v"},
+        memory_mb=256, cpus=0.5,
+    )
+    result = await kit.pool.invoke(make_invocation(record))
+    [c] = kit.runtime.containers.values()
+    cfg = c.config
+    assert cfg.image == "sha256:cfg-3"  # the resolved image id, not the tag
+    assert (cfg.command, cfg.args, cfg.env) == (("python3",), ("app.py",), {"K": "v"})
+    assert (cfg.memory_mb, cfg.cpus) == (256, 0.5)
+    assert cfg.labels == {
+        LABEL_MANAGED: "1",
+        LABEL_INSTALLATION: INSTALLATION,
+        LABEL_WORKER: "w-test",
+        LABEL_FUNCTION: "cfg",
+        LABEL_INSTANCE: result.instance,
+    }
+    assert result.instance in cfg.name and "cfg" in cfg.name
+
+
+async def test_forwarder_timeout_is_the_function_timeout_capped_by_the_deadline(
+    kit: PoolKit,
+) -> None:
+    record = make_record(timeout_s=2.0)
+    await kit.pool.invoke(make_invocation(record, deadline_in_s=30))
+    await kit.pool.invoke(make_invocation(record, deadline_in_s=0.5))
+    first, second = (t for _, _, t in kit.forwarder.calls)
+    assert first == 2.0
+    assert 0.3 < second <= 0.5
+
+
+async def test_two_concurrent_invokes_start_two_instances(kit: PoolKit) -> None:
+    gate, reached = asyncio.Event(), []
+    kit.forwarder.then(gate_step(gate, reached), gate_step(gate, reached))
+    record = make_record()
+    tasks = [asyncio.create_task(kit.pool.invoke(make_invocation(record))) for _ in range(2)]
+    await eventually(lambda: len(reached) == 2)
+    gate.set()
+    r1, r2 = await asyncio.gather(*tasks)
+    assert r1.error is None and r2.error is None
+    assert r1.cold_start and r2.cold_start
+    assert r1.instance != r2.instance
+    assert len(set(reached)) == 2
+    assert len(kit.runtime.containers) == 2
+
+
+async def test_max_instances_one_queues_the_second_invoke_on_the_same_instance(
+    kit: PoolKit,
+) -> None:
+    gate, reached = asyncio.Event(), []
+    kit.forwarder.then(gate_step(gate, reached))
+    record = make_record(max_instances=1)
+    t1 = asyncio.create_task(kit.pool.invoke(make_invocation(record, request_id="first")))
+    await eventually(lambda: len(reached) == 1)
+    t2 = asyncio.create_task(kit.pool.invoke(make_invocation(record, request_id="second")))
+    await asyncio.sleep(0.05)
+    # The second is waiting for the only instance, not starting another.
+    assert len(kit.forwarder.calls) == 1
+    assert len(kit.runtime.containers) == 1
+    gate.set()
+    r1, r2 = await asyncio.gather(t1, t2)
+    assert r1.error is None and r2.error is None, (r1.error, r2.error)
+    assert r1.cold_start and not r2.cold_start
+    assert r2.instance == r1.instance
+    assert r2.timings["wait"] >= 0.04
+    assert len(kit.runtime.containers) == 1
+
+
+async def test_max_instances_wait_gives_up_at_the_deadline(kit: PoolKit) -> None:
+    gate = asyncio.Event()
+    kit.forwarder.then(gate_step(gate))
+    record = make_record(max_instances=1)
+    t1 = asyncio.create_task(kit.pool.invoke(make_invocation(record)))
+    await eventually(lambda: len(kit.forwarder.calls) == 1)
+    started = time.monotonic()
+    r2 = await kit.pool.invoke(make_invocation(record, deadline_in_s=0.2))
+    assert 0.15 < time.monotonic() - started < 1.5
+    assert error_type(r2) == "ConcurrencyLimitExceeded"
+    assert r2.status == 429
+    gate.set()
+    assert (await t1).error is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: _acquire treats deadline=0 (no deadline, as _run and Worker._handle read "
+    "it) as already expired, so a queued invocation fails at once with 432",
+)
+async def test_invocation_without_deadline_waits_for_a_busy_instance(kit: PoolKit) -> None:
+    gate = asyncio.Event()
+    kit.forwarder.then(gate_step(gate))
+    record = make_record(max_instances=1)
+    t1 = asyncio.create_task(kit.pool.invoke(make_invocation(record, deadline_in_s=None)))
+    await eventually(lambda: len(kit.forwarder.calls) == 1)
+    t2 = asyncio.create_task(kit.pool.invoke(make_invocation(record, deadline_in_s=None)))
+    await asyncio.sleep(0.05)
+    gate.set()
+    r1, r2 = await asyncio.gather(t1, t2)
+    assert r1.error is None
+    assert r2.error is None, r2.error
+
+
+# -- start failures --------------------------------------------------------------------------
+
+
+async def test_start_failure_is_container_init_error_and_instance_is_removed(
+    kit: PoolKit,
+) -> None:
+    kit.runtime.queue(
+        Behaviour(start_error=lambda: ContainerInitError("exec: \"srv\": not found"))
+    )
+    record = make_record()
+    result = await kit.pool.invoke(make_invocation(record))
+    assert error_type(result) == "ContainerInitError"
+    assert result.status == 502
+    assert "not found" in result.error["message"]  # type: ignore[index]
+    assert kit.forwarder.calls == []
+    await eventually(lambda: kit.pool.instances() == [])
+    [cid] = kit.runtime.containers
+    # Killed at once: a failed start gets no grace period.
+    assert kit.runtime.removed == [(cid, 0.0)]
+    assert not kit.pool.owns_container(cid)
+    # The next invocation starts a fresh instance.
+    again = await kit.pool.invoke(make_invocation(record))
+    assert again.error is None and again.cold_start
+
+
+async def test_engine_crash_during_start_is_internal_error(kit: PoolKit) -> None:
+    kit.runtime.queue(Behaviour(start_error=lambda: RuntimeError("engine exploded")))
+    result = await kit.pool.invoke(make_invocation(make_record()))
+    assert error_type(result) == "InternalError"
+    assert "engine exploded" in result.error["message"]  # type: ignore[index]
+    await eventually(lambda: kit.pool.instances() == [])
+
+
+async def test_exit_127_during_init_is_container_init_error(kit: PoolKit) -> None:
+    logs = ["exec /srv: no such file or directory"]
+    kit.runtime.queue(Behaviour(exit_code=127, logs=logs))
+    result = await kit.pool.invoke(make_invocation(make_record()))
+    assert error_type(result) == "ContainerInitError"
+    assert result.error is not None
+    assert result.error["code"] == 445
+    assert result.error["exit_code"] == 127
+    assert result.error["logs"] == logs
+    assert "Command and Args" in result.error["message"]
+    await eventually(lambda: kit.pool.instances() == [])
+
+
+async def test_exit_3_during_init_is_user_process_exited_with_logs(kit: PoolKit) -> None:
+    logs = [f"line {i}" for i in range(10)]
+    kit.runtime.queue(Behaviour(exit_code=3, logs=logs))
+    result = await kit.pool.invoke(make_invocation(make_record()))
+    assert error_type(result) == "UserProcessExited"
+    assert result.error is not None
+    assert result.error["exit_code"] == 3
+    # The last log_tail_lines (5) lines.
+    assert result.error["logs"] == logs[-5:]
+    assert "code 3" in result.error["message"]
+    await eventually(lambda: kit.pool.instances() == [])
+
+
+async def test_oom_during_init_is_out_of_memory(kit: PoolKit) -> None:
+    kit.runtime.queue(Behaviour(exit_code=137, oom_killed=True))
+    result = await kit.pool.invoke(make_invocation(make_record(memory_mb=128)))
+    assert error_type(result) == "OutOfMemory"
+    assert "128 MB" in result.error["message"]  # type: ignore[index]
+
+
+async def test_never_ready_is_init_container_timeout(kit: PoolKit) -> None:
+    kit.runtime.queue(Behaviour(ready=False, logs=["starting on 127.0.0.1:9000"]))
+    record = make_record(init_timeout_s=0.3)
+    started = time.monotonic()
+    result = await kit.pool.invoke(make_invocation(record))
+    elapsed = time.monotonic() - started
+    assert error_type(result) == "InitContainerTimeout"
+    assert result.status == 504
+    assert result.error is not None
+    assert result.error["code"] == 450
+    assert "port 9000" in result.error["message"]
+    assert result.error["logs"] == ["starting on 127.0.0.1:9000"]
+    assert 0.3 <= elapsed < 2.0
+    await eventually(lambda: kit.pool.instances() == [])
+    assert len(kit.runtime.removed) == 1
+
+
+async def test_listening_on_the_wrong_address_is_port_binding_failed(
+    kit: PoolKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def listeners(pid: int) -> list[str]:
+        return ["127.0.0.1:9000"]
+
+    monkeypatch.setattr("workers.pool.diagnose_listeners", listeners)
+    kit.runtime.queue(Behaviour(ready=False))
+    result = await kit.pool.invoke(make_invocation(make_record(init_timeout_s=0.1)))
+    assert error_type(result) == "PortBindingFailed"
+    assert result.error is not None
+    assert result.error["listening"] == ["127.0.0.1:9000"]
+    assert "127.0.0.1:9000" in result.error["message"]
+
+
+# -- failures while running ----------------------------------------------------------------
+
+
+async def test_function_timeout_kills_the_instance_and_the_next_invoke_starts_anew(
+    make_pool: Callable[..., PoolKit],
+) -> None:
+    kit = make_pool(stop_timeout_s=5.0)
+    kit.forwarder.then(FunctionTimeout("function did not answer within 3 s"))
+    record = make_record()
+    r1 = await kit.pool.invoke(make_invocation(record))
+    assert error_type(r1) == "FunctionTimeout"
+    assert r1.status == 504
+    assert r1.error is not None and r1.error["code"] == 433
+    await eventually(lambda: kit.pool.instances() == [])
+    [cid] = kit.runtime.containers
+    # Killed without the stop grace period (its state is unknown).
+    assert kit.runtime.removed == [(cid, 0.0)]
+
+    r2 = await kit.pool.invoke(make_invocation(record))
+    assert r2.error is None
+    assert r2.cold_start
+    assert r2.instance != r1.instance
+    assert len(kit.runtime.containers) == 2
+
+
+async def test_connection_lost_after_exit_is_user_process_exited(kit: PoolKit) -> None:
+    async def crash(port: int, inv: Invocation, timeout_s: float) -> Response:
+        await kit.runtime.exit(kit.runtime.by_port(port).id, 1)
+        raise ConnectionLost("Server disconnected")
+
+    kit.forwarder.then(crash)
+    kit.runtime.default = Behaviour(logs=["Traceback", "ZeroDivisionError"])
+    result = await kit.pool.invoke(make_invocation(make_record()))
+    assert error_type(result) == "UserProcessExited"
+    assert result.error is not None
+    assert result.error["exit_code"] == 1
+    assert result.error["code"] == 439
+    assert result.error["logs"] == ["Traceback", "ZeroDivisionError"]
+    await eventually(lambda: kit.pool.instances() == [])
+    assert kit.runtime.removed[0][1] == 0.0
+
+
+async def test_connection_lost_after_oom_kill_is_out_of_memory(kit: PoolKit) -> None:
+    async def oom(port: int, inv: Invocation, timeout_s: float) -> Response:
+        await kit.runtime.exit(kit.runtime.by_port(port).id, 137, oom=True)
+        raise ConnectionLost("Server disconnected")
+
+    kit.forwarder.then(oom)
+    result = await kit.pool.invoke(make_invocation(make_record()))
+    assert error_type(result) == "OutOfMemory"
+    await eventually(lambda: kit.pool.instances() == [])
+
+
+async def test_connection_lost_while_still_running_is_user_code_error(kit: PoolKit) -> None:
+    kit.forwarder.then(ConnectionLost("Server disconnected"))
+    result = await kit.pool.invoke(make_invocation(make_record()))
+    assert error_type(result) == "UserCodeError"
+    assert "Server disconnected" in result.error["message"]  # type: ignore[index]
+    # Its state is unknown: the instance is not reused.
+    await eventually(lambda: kit.pool.instances() == [])
+
+
+async def test_event_function_answering_500_is_user_code_error_and_instance_kept(
+    kit: PoolKit,
+) -> None:
+    kit.forwarder.then(Response(500, [("Content-Type", "text/plain")], b"boom \xff"))
+    record = make_record()
+    r1 = await kit.pool.invoke(make_invocation(record))
+    assert error_type(r1) == "UserCodeError"
+    assert r1.status == 502
+    assert r1.error is not None
+    assert r1.error["function_status"] == 500
+    assert r1.error["function_body"] == "boom \ufffd"
+    [inst] = kit.pool.instances()
+    assert inst.state is State.READY and not inst.retire_reason
+    r2 = await kit.pool.invoke(make_invocation(record))
+    assert r2.error is None
+    assert r2.instance == r1.instance and not r2.cold_start
+    assert kit.runtime.removed == []
+
+
+async def test_web_function_status_passes_through(kit: PoolKit) -> None:
+    kit.forwarder.then(Response(404, [("X-A", "1"), ("X-A", "2")], b"nope"))
+    result = await kit.pool.invoke(make_invocation(make_record(type="web")))
+    assert result.error is None
+    assert (result.status, result.headers, result.body) == (404, [("X-A", "1"), ("X-A", "2")], b"nope")
+
+
+# -- instance lifecycle ----------------------------------------------------------------------
+
+
+async def test_idle_instance_is_removed_after_its_ttl(make_pool: Callable[..., PoolKit]) -> None:
+    kit = make_pool(stop_timeout_s=1.5)
+    result = await kit.pool.invoke(make_invocation(make_record(idle_ttl_s=0.2)))
+    assert result.error is None
+    await asyncio.sleep(0.05)
+    assert [i.id for i in kit.pool.instances()] == [result.instance]
+    await eventually(lambda: kit.pool.instances() == [])
+    [cid] = kit.runtime.containers
+    # Idle instances get the graceful stop.
+    assert kit.runtime.removed == [(cid, 1.5)]
+
+
+async def test_use_pushes_the_idle_deadline_back(kit: PoolKit) -> None:
+    record = make_record(idle_ttl_s=0.3)
+    first = await kit.pool.invoke(make_invocation(record))
+    for _ in range(3):
+        await asyncio.sleep(0.15)
+        again = await kit.pool.invoke(make_invocation(record))
+        assert again.instance == first.instance and not again.cold_start
+    await eventually(lambda: kit.pool.instances() == [])
+
+
+async def test_redeploy_retires_the_old_idle_instance(kit: PoolKit) -> None:
+    old = await kit.pool.invoke(make_invocation(make_record("f", revision=1)))
+    new = await kit.pool.invoke(make_invocation(make_record("f", revision=2)))
+    assert old.error is None and new.error is None
+    assert new.instance != old.instance
+    assert new.cold_start
+    await eventually(lambda: [i.id for i in kit.pool.instances()] == [new.instance])
+    old_c, new_c = kit.runtime.containers.values()
+    assert old_c.removed and not new_c.removed
+    assert new_c.config.image == "sha256:f-2"
+
+
+async def test_memory_pressure_evicts_another_functions_idle_instance(
+    make_pool: Callable[..., PoolKit],
+) -> None:
+    kit = make_pool(memory_capacity_mb=1024)
+    g = await kit.pool.invoke(make_invocation(make_record("g", memory_mb=768)))
+    f = await kit.pool.invoke(make_invocation(make_record("f", memory_mb=512)))
+    assert g.error is None and f.error is None
+    await eventually(lambda: [i.id for i in kit.pool.instances()] == [f.instance])
+    g_c, f_c = kit.runtime.containers.values()
+    assert g_c.removed and not f_c.removed
+
+
+async def test_container_died_on_an_idle_instance_removes_it(kit: PoolKit) -> None:
+    record = make_record()
+    first = await kit.pool.invoke(make_invocation(record))
+    [cid] = kit.runtime.containers
+    kit.pool.container_died("not-ours")  # ignored
+    await asyncio.sleep(0.02)
+    assert len(kit.pool.instances()) == 1
+    await kit.runtime.exit(cid, 0)
+    kit.pool.container_died(cid)
+    await eventually(lambda: kit.pool.instances() == [])
+    assert kit.runtime.removed[0][0] == cid
+    again = await kit.pool.invoke(make_invocation(record))
+    assert again.error is None and again.instance != first.instance
+
+
+async def test_shutdown_removes_every_container_and_refuses_new_work(kit: PoolKit) -> None:
+    for name in ("a", "b", "c"):
+        assert (await kit.pool.invoke(make_invocation(make_record(name)))).error is None
+    assert len(kit.runtime.live()) == 3
+    await kit.pool.shutdown(timeout_s=2)
+    assert kit.pool.instances() == []
+    assert kit.runtime.live() == []
+    assert sorted(cid for cid, _ in kit.runtime.removed) == sorted(kit.runtime.containers)
+    result = await kit.pool.invoke(make_invocation(make_record("a")))
+    assert error_type(result) == "ServiceUnavailable"
+    assert result.status == 503
+
+
+async def test_shutdown_of_an_empty_pool_is_quick(kit: PoolKit) -> None:
+    started = time.monotonic()
+    await kit.pool.shutdown(timeout_s=2)
+    await kit.pool.shutdown(timeout_s=2)
+    assert time.monotonic() - started < 0.5
