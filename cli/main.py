@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from aiodocker.exceptions import DockerError
+from redis.exceptions import RedisError
 
 from shared.errors import ImagefnError
 from shared.logs import configure_logging
@@ -222,8 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _redacted(url: str) -> str:
+    """The URL without a password, for messages."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    settings = Settings()
     try:
         settings = load_settings(os.environ)
         if args.gateway is None:
@@ -231,6 +242,17 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args, settings)
     except (CliError, ImagefnError) as e:
         print(f"imagefn: {e}", file=sys.stderr)
+        return 1
+    except RedisError as e:
+        print(
+            f"imagefn: Redis at {_redacted(settings.redis.url)} unavailable: {e}", file=sys.stderr
+        )
+        return 1
+    except DockerError as e:
+        print(f"imagefn: Docker engine unavailable: {e.message}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"imagefn: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

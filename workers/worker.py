@@ -99,9 +99,16 @@ class Worker:
     async def _drain(self) -> None:
         log.info("worker_draining", inflight=len(self._handlers))
         consume = self._loops[0]
-        consume.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consume
+        # Let the consume loop finish its current read (at most CONSUME_BLOCK_S) rather
+        # than cancel it mid-read: entries Redis already handed us would otherwise sit
+        # unprocessed until another worker's reclaim.
+        self._capacity_freed.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(consume), CONSUME_BLOCK_S + 2)
+        except TimeoutError:
+            consume.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consume
         if self._handlers:
             _done, pending = await asyncio.wait(
                 set(self._handlers), timeout=self._ws.drain_timeout_s
@@ -129,9 +136,11 @@ class Worker:
         backoff_s = 0.1
         while not self._stopping.is_set():
             # Read only what there is room for: what we read, we own until it is finished.
-            while self._free_permits() <= 0:
+            while self._free_permits() <= 0 and not self._stopping.is_set():
                 self._capacity_freed.clear()
                 await self._capacity_freed.wait()
+            if self._stopping.is_set():
+                return
             try:
                 deliveries = await self._queue.consume(
                     self.worker_id, max(1, self._free_permits()), CONSUME_BLOCK_S

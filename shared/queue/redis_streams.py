@@ -36,6 +36,7 @@ log = structlog.get_logger("imagefn.queue")
 REPLY_STREAM_MAXLEN = 10_000
 # Blocking reads must return before the client's socket timeout (redis-py: 5 s).
 REPLY_BLOCK_MS = 2000
+RECLAIM_PAGES_PER_CALL = 10
 # An invocation handed out this many times has crashed workers repeatedly; stop retrying.
 MAX_ATTEMPTS = 5
 
@@ -59,6 +60,7 @@ class RedisStreamsQueue(InvocationQueue):
         self._reader: asyncio.Task[None] | None = None
         self._group_ready = False
         self._closed = False
+        self._reclaim_cursor = "0-0"
 
     async def open(self) -> None:
         await self._ensure_group()
@@ -178,21 +180,27 @@ class RedisStreamsQueue(InvocationQueue):
 
     async def reclaim(self, consumer: str, max_count: int) -> list[Delivery]:
         await self._ensure_group()
-        resp = await self._r.xautoclaim(
-            self._keys.invocations,
-            self._keys.workers_group,
-            consumer,
-            min_idle_time=self._s.reclaim_idle_ms,
-            start_id="0-0",
-            count=max_count,
-        )
-        entries = resp[1] if resp else []
         out: list[Delivery] = []
-        for entry_id, fields in entries:
-            attempt = await self._attempts(entry_id)
-            delivery = await self._decode_or_drop(entry_id, fields, attempt)
-            if delivery is not None:
-                out.append(delivery)
+        # XAUTOCLAIM scans the pending list in pages; keep the cursor across calls so that
+        # entries far down a long list of live claims are reached too.
+        for _ in range(RECLAIM_PAGES_PER_CALL):
+            resp = await self._r.xautoclaim(
+                self._keys.invocations,
+                self._keys.workers_group,
+                consumer,
+                min_idle_time=self._s.reclaim_idle_ms,
+                start_id=self._reclaim_cursor,
+                count=max_count - len(out),
+            )
+            cursor, entries = resp[0], resp[1]
+            self._reclaim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+            for entry_id, fields in entries:
+                attempt = await self._attempts(entry_id)
+                delivery = await self._decode_or_drop(entry_id, fields, attempt)
+                if delivery is not None:
+                    out.append(delivery)
+            if self._reclaim_cursor == "0-0" or len(out) >= max_count:
+                break
         return out
 
     async def _attempts(self, entry_id: Any) -> int:
