@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 
+import structlog
 from aiohttp import web
 
 from gateway.context import QUEUE, REGISTRY, REQUEST_ID, SETTINGS
@@ -57,6 +58,7 @@ def _platform_headers(request_id: str, result: InvocationResult) -> dict[str, st
 
 @routes.post("/v1/functions/{name}/invoke")
 async def invoke_event(request: web.Request) -> web.Response:
+    structlog.contextvars.bind_contextvars(function=request.match_info["name"])
     record = await request.app[REGISTRY].get(request.match_info["name"])
     if record.spec.type != "event":
         raise InvalidRequest(
@@ -90,6 +92,7 @@ async def invoke_event(request: web.Request) -> web.Response:
 
 async def invoke_web(request: web.Request) -> web.Response:
     name = request.match_info["name"]
+    structlog.contextvars.bind_contextvars(function=name)
     record = await request.app[REGISTRY].get(name)
     if record.spec.type != "web":
         raise InvalidRequest(

@@ -335,8 +335,8 @@ class ContainerPool:
         )
         await self._wait_ready(inst)
         inst.start_timings["ready"] = time.monotonic() - t3
-        # Reserved for the invocation that caused the start.
-        inst.transition(State.BUSY)
+        # Reserved for the invocation that caused the start, unless it gave up meanwhile.
+        inst.transition(State.BUSY if inst.inflight > 0 else State.READY)
         log.info("instance_ready", port=inst.host_port, timings=inst.start_timings)
 
     async def _wait_ready(self, inst: Instance) -> None:
