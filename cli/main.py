@@ -111,6 +111,8 @@ def _describe_error(status: int, raw: bytes) -> str:
         err = json.loads(raw)["error"]
     except (ValueError, KeyError, TypeError):
         return f"HTTP {status}: {raw[:500].decode('utf-8', 'replace')}"
+    if not isinstance(err, dict):
+        return f"HTTP {status}: {raw[:500].decode('utf-8', 'replace')}"
     line = f"{err.get('type', 'Error')}: {err.get('message', '')}"
     if isinstance(err.get("fields"), dict):
         line += "".join(f"\n  {k}: {v}" for k, v in sorted(err["fields"].items()))
@@ -124,15 +126,16 @@ def _describe_error(status: int, raw: bytes) -> str:
 def _load_spec_file(path: str) -> dict[str, Any]:
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise CliError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise CliError(f"{path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    is_yaml = p.suffix in (".yaml", ".yml")
     try:
-        doc = yaml.safe_load(text) if p.suffix in (".yaml", ".yml") else json.loads(text)
+        doc = yaml.safe_load(text) if is_yaml else json.loads(text)
     except (ValueError, yaml.YAMLError) as e:
-        raise CliError(
-            f"{path} is not valid {'YAML' if p.suffix != '.json' else 'JSON'}: {e}"
-        ) from None
+        raise CliError(f"{path} is not valid {'YAML' if is_yaml else 'JSON'}: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
         raise CliError(f"{path}: a function spec is a mapping with at least 'name' and 'image'")
     return doc

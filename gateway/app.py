@@ -31,7 +31,7 @@ from shared.settings import Settings
 
 # A caller may name its own request id (to trace it end to end); anything else is
 # replaced, since the id lands in headers and log lines.
-CALLER_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+CALLER_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}\Z")
 
 
 @web.middleware

@@ -33,6 +33,9 @@ class Invocation:
     enqueued_at: float = field(default_factory=time.time)
     # Where the result goes back to (the waiting gateway's reply channel).
     reply_to: str = ""
+    # Set by the queue for a waiting caller: matches the result to exactly this call, even
+    # when two callers chose the same request id.
+    call_id: str = ""
     version: str = "$LATEST"
 
     @property
@@ -51,6 +54,7 @@ class Invocation:
             "deadline": self.deadline,
             "enqueued_at": self.enqueued_at,
             "reply_to": self.reply_to,
+            "call_id": self.call_id,
             "version": self.version,
         }
         return {"m": json.dumps(meta, separators=(",", ":")).encode(), "b": self.body}
@@ -70,6 +74,7 @@ class Invocation:
             deadline=float(meta["deadline"]),
             enqueued_at=float(meta["enqueued_at"]),
             reply_to=meta["reply_to"],
+            call_id=meta.get("call_id", ""),
             version=meta.get("version", "$LATEST"),
         )
 

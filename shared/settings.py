@@ -53,6 +53,9 @@ class WorkerSettings:
     docker_url: str | None = None
     # Invocations one worker handles at once (across all its functions).
     max_inflight: int = 64
+    # How long an invocation may wait for a free instance (max_instances or memory
+    # reached) before it fails with ConcurrencyLimitExceeded.
+    max_slot_wait_s: float = 10.0
     # Memory this worker may give to containers, in MiB.
     memory_capacity_mb: int = 16384
     heartbeat_s: float = 2.0
@@ -123,20 +126,20 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     q = QueueSettings()
     g = GatewaySettings()
     w = WorkerSettings()
-    backend = env.get("IMAGEFN_QUEUE_BACKEND", q.backend)
+    backend = env.get("IMAGEFN_QUEUE_BACKEND") or q.backend
     if backend not in ("redis",):
         raise InvalidRequest(f"setting IMAGEFN_QUEUE_BACKEND={backend!r}: supported: redis")
     return Settings(
-        redis=RedisSettings(url=env.get("IMAGEFN_REDIS_URL", RedisSettings.url)),
+        redis=RedisSettings(url=env.get("IMAGEFN_REDIS_URL") or RedisSettings.url),
         queue=QueueSettings(
             backend=backend,
-            prefix=env.get("IMAGEFN_PREFIX", q.prefix),
+            prefix=env.get("IMAGEFN_PREFIX") or q.prefix,
             reclaim_idle_ms=_int(env, "IMAGEFN_RECLAIM_IDLE_MS", q.reclaim_idle_ms),
             claim_refresh_s=_float(env, "IMAGEFN_CLAIM_REFRESH_S", q.claim_refresh_s),
             reply_ttl_s=_int(env, "IMAGEFN_REPLY_TTL_S", q.reply_ttl_s),
         ),
         gateway=GatewaySettings(
-            host=env.get("IMAGEFN_GATEWAY_HOST", g.host),
+            host=env.get("IMAGEFN_GATEWAY_HOST") or g.host,
             port=_int(env, "IMAGEFN_GATEWAY_PORT", g.port),
             max_body_bytes=_int(env, "IMAGEFN_MAX_BODY_BYTES", g.max_body_bytes),
             result_grace_s=_float(env, "IMAGEFN_RESULT_GRACE_S", g.result_grace_s),
@@ -147,10 +150,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             docker_url=env.get("IMAGEFN_DOCKER_URL") or None,
             max_inflight=_int(env, "IMAGEFN_WORKER_MAX_INFLIGHT", w.max_inflight),
             memory_capacity_mb=_int(env, "IMAGEFN_WORKER_MEMORY_MB", w.memory_capacity_mb),
+            max_slot_wait_s=_float(env, "IMAGEFN_MAX_SLOT_WAIT_S", w.max_slot_wait_s),
             heartbeat_s=_float(env, "IMAGEFN_HEARTBEAT_S", w.heartbeat_s),
             heartbeat_ttl_s=_float(env, "IMAGEFN_HEARTBEAT_TTL_S", w.heartbeat_ttl_s),
             janitor_interval_s=_float(env, "IMAGEFN_JANITOR_INTERVAL_S", w.janitor_interval_s),
             drain_timeout_s=_float(env, "IMAGEFN_DRAIN_TIMEOUT_S", w.drain_timeout_s),
         ),
-        log_level=env.get("IMAGEFN_LOG_LEVEL", "info"),
+        log_level=env.get("IMAGEFN_LOG_LEVEL") or "info",
     )

@@ -14,11 +14,11 @@ from shared.errors import InvalidSpec
 
 FunctionType = Literal["event", "web"]
 
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,59}$")
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,59}\Z")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 # The contract: environment at most 4 KB inside the instance.
 MAX_ENV_BYTES = 4096
-# Variables the platform itself sets; a user may not override them.
+# Names reserved for the platform (SCF sets SCF_* variables; ours are IMAGEFN_*).
 RESERVED_ENV_PREFIXES = ("SCF_", "IMAGEFN_")
 
 # (minimum, maximum) of every numeric field.

@@ -27,6 +27,9 @@ class StartInstance:
 @dataclass(frozen=True)
 class Wait:
     reason: str
+    # Waiting for memory (any function's instance going idle or away can help), rather
+    # than for one of this function's own instances.
+    for_memory: bool = False
 
 
 Decision = UseInstance | StartInstance | Wait
@@ -78,12 +81,12 @@ def choose(
         free += v.memory_mb
         if free >= memory_mb:
             return StartInstance(evict=tuple(evict))
-    return Wait(f"worker memory full ({used} of {memory_capacity_mb} MiB in use)")
+    return Wait(f"worker memory full ({used} of {memory_capacity_mb} MiB in use)", for_memory=True)
 
 
 def evictable(instances: Iterable[InstanceView], for_function: str) -> list[InstanceView]:
-    """Idle instances that may be removed to make room: any other function's idle ones,
-    and this function's idle instances of an older revision."""
+    """Idle instances of *other* functions, which may be removed to make room. (This
+    function's idle instances of an older revision are retired by ``stale_revisions``.)"""
     return [
         v
         for v in instances

@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from shared.errors import FunctionTimeout, ResultTooLarge
 from shared.http import strip_hop_by_hop
@@ -51,12 +52,14 @@ class Forwarder:
 
     async def send(self, host_port: int, inv: Invocation, timeout_s: float) -> Response:
         base = f"http://127.0.0.1:{host_port}"
+        url: str | URL
         if inv.kind == "event":
             url = base + "/event-invoke"
             method = "POST"
             headers: list[tuple[str, str]] = [("Content-Type", "application/json")]
         else:
-            url = base + inv.path + (f"?{inv.query}" if inv.query else "")
+            # encoded=True: path and query reach the function exactly as the caller sent them.
+            url = URL(base + inv.path + (f"?{inv.query}" if inv.query else ""), encoded=True)
             method = inv.method
             # The caller's own X-Scf-* headers must not impersonate the platform's.
             headers = [(k, v) for k, v in inv.headers if not k.lower().startswith("x-scf-")]

@@ -58,6 +58,8 @@ KILL_REASONS = frozenset({"timeout", "crashed", "start-failed", "shutdown"})
 ENGINE_CALL_TIMEOUT_S = 60.0
 # How often the readiness loop also asks the engine whether the process already exited.
 STATE_CHECK_EVERY_S = 0.1
+# A slot wait ends this long before the caller's deadline, so the caller gets the reason.
+SLOT_WAIT_MARGIN_S = 0.5
 
 
 class ContainerPool:
@@ -78,6 +80,8 @@ class ContainerPool:
         self._by_container: dict[str, Instance] = {}
         self._conds: dict[str, asyncio.Condition] = {}
         self._owners: set[asyncio.Task[None]] = set()
+        # Functions with invocations waiting for memory, and how many.
+        self._memory_waiters: dict[str, int] = {}
         self._closing = False
 
     # -- queries ---------------------------------------------------------------------------
@@ -147,8 +151,12 @@ class ContainerPool:
             inst.retire("timeout")
             raise
         except ConnectionLost as e:
-            err = await self._explain_lost_connection(inst, str(e))
-            inst.retire("crashed")
+            # Look before retiring (retiring kills the container), but retire whatever
+            # the look finds or however it fails: this instance is not reused.
+            try:
+                err = await self._explain_lost_connection(inst, str(e))
+            finally:
+                inst.retire("crashed")
             raise err from None
 
     async def _explain_lost_connection(self, inst: Instance, why: str) -> ImagefnError:
@@ -180,7 +188,12 @@ class ContainerPool:
         spec = record.spec
         cond = self._cond(spec.name)
         loop = asyncio.get_running_loop()
-        wait_until = loop.time() + max(0.0, inv.deadline - time.time())
+        # Give up waiting for a slot early enough that the caller hears
+        # ConcurrencyLimitExceeded rather than the gateway's own timeout.
+        wait_s = self._settings.max_slot_wait_s
+        if inv.deadline:  # 0 means no deadline
+            wait_s = min(wait_s, inv.deadline - time.time() - SLOT_WAIT_MARGIN_S)
+        wait_until = loop.time() + max(0.0, wait_s)
         waited_from = loop.time()
         async with cond:
             while True:
@@ -213,8 +226,16 @@ class ContainerPool:
                     raise ConcurrencyLimitExceeded(
                         f"no free instance of {spec.name} on this worker in time: {decision.reason}"
                     )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(cond.wait(), remaining)
+                if decision.for_memory:
+                    self._memory_waiters[spec.name] = self._memory_waiters.get(spec.name, 0) + 1
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(cond.wait(), remaining)
+                finally:
+                    if decision.for_memory:
+                        self._memory_waiters[spec.name] -= 1
+                        if not self._memory_waiters[spec.name]:
+                            del self._memory_waiters[spec.name]
         # Cold path: the new instance is reserved for this invocation (inflight = 1).
         try:
             await inst.started.wait()
@@ -239,9 +260,18 @@ class ContainerPool:
         if inst.inflight == 0 and inst.state is State.BUSY:
             inst.transition(State.READY)
         inst.wakeup.set()
-        cond = self._cond(inst.function)
-        async with cond:
-            cond.notify()
+        await self._wake_waiters(inst.function)
+
+    async def _wake_waiters(self, function: str, *, everyone: bool = False) -> None:
+        """Tell waiters a slot may be free: one of ``function``'s (or all of them), and
+        every function waiting for memory, since an idle or removed instance frees some."""
+        for name in {function, *self._memory_waiters}:
+            cond = self._cond(name)
+            async with cond:
+                if everyone or name != function:
+                    cond.notify_all()
+                else:
+                    cond.notify()
 
     # -- instance lifecycle ----------------------------------------------------------------
 
@@ -274,6 +304,9 @@ class ContainerPool:
                 return
             finally:
                 inst.started.set()
+            if inst.inflight == 0:
+                # Its starter gave up: a waiting invocation may take the idle instance now.
+                await self._wake_waiters(inst.function)
             await self._serve(inst)
         finally:
             await self._stop(inst)
@@ -407,15 +440,14 @@ class ContainerPool:
                     ENGINE_CALL_TIMEOUT_S,
                 )
             except Exception:
-                # The janitor removes what is left by label; the pool must go on.
+                # The pool must go on; the container stays until this worker's next start
+                # or, if the worker dies, another worker's janitor (both find it by label).
                 log.exception("instance_remove_failed", container=inst.container_id)
             self._by_container.pop(inst.container_id, None)
         inst.transition(State.GONE)
         self._instances.pop(inst.id, None)
         log.info("instance_removed", reason=reason, invocations=inst.invocations)
-        cond = self._cond(inst.function)
-        async with cond:
-            cond.notify_all()
+        await self._wake_waiters(inst.function, everyone=True)
 
     # -- signals from outside --------------------------------------------------------------
 

@@ -69,7 +69,9 @@ class Worker:
         log.info("worker_starting", worker=self.worker_id)
         await self._queue.open()
         await self._heartbeat_once()
-        await self._remove_orphans()
+        # A worker restarted under the same id finds its previous run's containers: none of
+        # them belongs to this run, so they go too.
+        await self._remove_orphans(include_own=True)
         self._loops = [
             asyncio.create_task(self._consume_loop(), name="worker-consume"),
             asyncio.create_task(
@@ -239,9 +241,9 @@ class Worker:
             px=int(self._ws.heartbeat_ttl_s * 1000),
         )
 
-    async def _remove_orphans(self) -> None:
+    async def _remove_orphans(self, include_own: bool = False) -> None:
         """Remove containers of workers that no longer exist (their heartbeat is gone)."""
-        alive: dict[str, bool] = {self.worker_id: True}
+        alive: dict[str, bool] = {self.worker_id: not include_own}
         prefix = self._settings.queue.prefix
         for c in await self._runtime.list_managed():
             if c.labels.get(LABEL_INSTALLATION) != prefix:

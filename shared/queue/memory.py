@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shared.messages import Invocation, InvocationResult
 from shared.queue.base import Delivery, InvocationQueue
@@ -48,15 +48,16 @@ class MemoryQueue(InvocationQueue):
         return "memory"
 
     async def call(self, invocation: Invocation, timeout_s: float) -> InvocationResult | None:
+        call_id = str(next(self._ids))
         fut: asyncio.Future[InvocationResult] = asyncio.get_running_loop().create_future()
-        self._waiters[invocation.request_id] = fut
+        self._waiters[call_id] = fut
         try:
-            await self.publish(invocation)
+            await self.publish(replace(invocation, call_id=call_id))
             return await asyncio.wait_for(fut, timeout_s)
         except TimeoutError:
             return None
         finally:
-            self._waiters.pop(invocation.request_id, None)
+            self._waiters.pop(call_id, None)
 
     async def consume(self, consumer: str, max_count: int, block_s: float) -> list[Delivery]:
         out: list[Delivery] = []
@@ -92,7 +93,7 @@ class MemoryQueue(InvocationQueue):
     async def finish(self, delivery: Delivery, result: InvocationResult | None) -> None:
         if result is not None:
             self.results.append(result)
-            fut = self._waiters.get(result.request_id)
+            fut = self._waiters.get(delivery.invocation.call_id)
             if fut is not None and not fut.done():
                 fut.set_result(result)
         self._pending.pop(delivery.receipt, None)

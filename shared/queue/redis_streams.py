@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -31,9 +33,13 @@ from shared.settings import QueueSettings
 
 log = structlog.get_logger("imagefn.queue")
 
-# Results kept per reply stream; a gateway reads them within milliseconds, so this only
-# bounds what a gateway that died leaves behind until the key expires.
+# Results kept per reply stream at most. A live gateway trims what it read; this bounds
+# what a dead one leaves behind until the key expires (reply_ttl_s after the last write).
 REPLY_STREAM_MAXLEN = 10_000
+# Reply entries carry the waiting call's id next to the encoded result.
+CALL_ID_FIELD = b"c"
+# The gateway trims what it has read from its reply stream every this many results.
+REPLY_TRIM_EVERY = 100
 # Blocking reads must return before the client's socket timeout (redis-py: 5 s).
 REPLY_BLOCK_MS = 2000
 RECLAIM_PAGES_PER_CALL = 10
@@ -103,21 +109,27 @@ class RedisStreamsQueue(InvocationQueue):
 
     async def call(self, invocation: Invocation, timeout_s: float) -> InvocationResult | None:
         if self._reader is None:
-            self._reader = asyncio.create_task(self._read_replies(), name="queue-reply-reader")
+            # A fresh context: the reader outlives the request that happened to start it,
+            # and its log lines must not carry that request's id.
+            self._reader = asyncio.create_task(
+                self._read_replies(), name="queue-reply-reader", context=contextvars.Context()
+            )
+        call_id = uuid.uuid4().hex
         fut: asyncio.Future[InvocationResult] = asyncio.get_running_loop().create_future()
         # Register before publishing: a fast worker may answer before publish returns.
-        self._waiters[invocation.request_id] = fut
+        self._waiters[call_id] = fut
         try:
-            await self.publish(invocation)
+            await self.publish(replace(invocation, call_id=call_id))
             return await asyncio.wait_for(fut, timeout_s)
         except TimeoutError:
             return None
         finally:
-            self._waiters.pop(invocation.request_id, None)
+            self._waiters.pop(call_id, None)
 
     async def _read_replies(self) -> None:
-        last_id = "0"
+        last_id: Any = "0"
         backoff_s = 0.1
+        unread_trimmed = 0
         while not self._closed:
             try:
                 resp = await self._r.xread(
@@ -132,14 +144,21 @@ class RedisStreamsQueue(InvocationQueue):
             for _stream, entries in _stream_entries(resp):
                 for entry_id, fields in entries:
                     last_id = entry_id
+                    unread_trimmed += 1
+                    call_id = fields.get(CALL_ID_FIELD, b"").decode()
+                    fut = self._waiters.get(call_id)
+                    if fut is None or fut.done():
+                        continue  # the caller gave up, or a duplicate delivery
                     try:
-                        result = InvocationResult.decode(fields)
+                        fut.set_result(InvocationResult.decode(fields))
                     except (KeyError, ValueError) as e:
-                        log.error("reply_undecodable", entry=entry_id, error=str(e))
-                        continue
-                    fut = self._waiters.get(result.request_id)
-                    if fut is not None and not fut.done():
-                        fut.set_result(result)
+                        log.error("reply_undecodable", entry=str(entry_id), error=str(e))
+            if unread_trimmed >= REPLY_TRIM_EVERY:
+                # Results are read within milliseconds; drop what was read so a busy
+                # gateway's reply stream stays small.
+                unread_trimmed = 0
+                with contextlib.suppress(RedisError):
+                    await self._r.xtrim(self._reply_key, minid=last_id)
 
     # -- consumer side -------------------------------------------------------------------
 
@@ -149,13 +168,17 @@ class RedisStreamsQueue(InvocationQueue):
 
     async def consume(self, consumer: str, max_count: int, block_s: float) -> list[Delivery]:
         await self._ensure_group()
-        resp = await self._r.xreadgroup(
-            self._keys.workers_group,
-            consumer,
-            {self._keys.invocations: ">"},
-            count=max_count,
-            block=max(1, int(block_s * 1000)),
-        )
+        try:
+            resp = await self._r.xreadgroup(
+                self._keys.workers_group,
+                consumer,
+                {self._keys.invocations: ">"},
+                count=max_count,
+                block=max(1, int(block_s * 1000)),
+            )
+        except ResponseError as e:
+            self._forget_group_if_gone(e)
+            raise
         out: list[Delivery] = []
         for _stream, entries in _stream_entries(resp):
             for entry_id, fields in entries:
@@ -163,6 +186,12 @@ class RedisStreamsQueue(InvocationQueue):
                 if delivery is not None:
                     out.append(delivery)
         return out
+
+    def _forget_group_if_gone(self, e: ResponseError) -> None:
+        # Redis lost the group (restarted without persistence, or the key was deleted):
+        # recreate it on the next call instead of failing forever.
+        if "NOGROUP" in str(e):
+            self._group_ready = False
 
     async def _decode_or_drop(
         self, entry_id: Any, fields: dict[bytes, bytes] | None, attempt: int
@@ -184,14 +213,18 @@ class RedisStreamsQueue(InvocationQueue):
         # XAUTOCLAIM scans the pending list in pages; keep the cursor across calls so that
         # entries far down a long list of live claims are reached too.
         for _ in range(RECLAIM_PAGES_PER_CALL):
-            resp = await self._r.xautoclaim(
-                self._keys.invocations,
-                self._keys.workers_group,
-                consumer,
-                min_idle_time=self._s.reclaim_idle_ms,
-                start_id=self._reclaim_cursor,
-                count=max_count - len(out),
-            )
+            try:
+                resp = await self._r.xautoclaim(
+                    self._keys.invocations,
+                    self._keys.workers_group,
+                    consumer,
+                    min_idle_time=self._s.reclaim_idle_ms,
+                    start_id=self._reclaim_cursor,
+                    count=max_count - len(out),
+                )
+            except ResponseError as e:
+                self._forget_group_if_gone(e)
+                raise
             cursor, entries = resp[0], resp[1]
             self._reclaim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
             for entry_id, fields in entries:
@@ -225,9 +258,11 @@ class RedisStreamsQueue(InvocationQueue):
         reply_to = delivery.invocation.reply_to
         async with self._r.pipeline(transaction=False) as pipe:
             if result is not None and reply_to:
+                fields = result.encode()
+                fields[CALL_ID_FIELD.decode()] = delivery.invocation.call_id.encode()
                 pipe.xadd(
                     reply_to,
-                    result.encode(),  # type: ignore[arg-type]
+                    fields,  # type: ignore[arg-type]
                     maxlen=REPLY_STREAM_MAXLEN,
                     approximate=True,
                 )

@@ -146,3 +146,24 @@ async def test_web_app_example_routes_and_statuses(
         assert "X-Scf-Error-Type" not in resp.headers
     async with client.get(f"{base}") as resp:
         assert resp.status == 200
+
+
+async def test_two_callers_with_the_same_request_id_get_their_own_results(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("dup")
+    await platform.deploy(client, name, max_instances=2)
+
+    async def call(n: int) -> dict[str, object]:
+        async with client.post(
+            f"{platform.url}/v1/functions/{name}/invoke",
+            json={"n": n, "sleep": 0.2},
+            headers={"X-Request-Id": "same-id-for-both"},
+        ) as resp:
+            assert resp.status == 200
+            body: dict[str, object] = await resp.json()
+            return body
+
+    a, b = await asyncio.gather(call(1), call(2))
+    assert a["event"] == {"n": 1, "sleep": 0.2}
+    assert b["event"] == {"n": 2, "sleep": 0.2}

@@ -1,17 +1,26 @@
-"""Fixtures of the unit tests: a container pool over an in-memory runtime."""
+"""Fixtures of the unit tests: a container pool over an in-memory runtime, and a gateway
+over a MemoryQueue, a fake Redis and a fake image resolver."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import types
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
-from shared.settings import WorkerSettings
+from gateway.app import build_app
+from shared.errors import InvalidSpec
+from shared.messages import Invocation, InvocationResult
+from shared.queue.memory import MemoryQueue
+from shared.settings import GatewaySettings, Settings, WorkerSettings
 from workers.forwarder import Forwarder
 from workers.pool import ContainerPool
 
-from .fakes import FakeForwarder, FakeRuntime
+from .fakes import FakeForwarder, FakeRedis, FakeRuntime
 
 INSTALLATION = "imagefn-test"
 FAST_WORKER = WorkerSettings(
@@ -56,3 +65,90 @@ async def make_pool() -> AsyncIterator[Callable[..., PoolKit]]:
 @pytest.fixture
 async def kit(make_pool: Callable[..., PoolKit]) -> PoolKit:
     return make_pool()
+
+
+# -- gateway ---------------------------------------------------------------------------
+
+GATEWAY_SETTINGS = Settings(
+    gateway=GatewaySettings(max_body_bytes=4096, result_grace_s=0.5, check_images=False)
+)
+EVENT_SPEC = {"name": "hello", "image": "repo/hello:1", "timeout_s": 1, "init_timeout_s": 1}
+WEB_SPEC = {**EVENT_SPEC, "name": "site", "type": "web"}
+
+
+class FakeImages:
+    def __init__(self) -> None:
+        self.resolved: list[str] = []
+        self.closed = False
+
+    async def resolve(self, ref: str) -> str:
+        self.resolved.append(ref)
+        if ref.startswith("missing/"):
+            raise InvalidSpec({"image": f"image {ref!r} does not exist"})
+        return f"sha256:{ref.replace('/', '-')}"
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+Handler = Callable[[Invocation], InvocationResult]
+
+
+def ok(inv: Invocation) -> InvocationResult:
+    return InvocationResult(
+        request_id=inv.request_id,
+        status=200,
+        headers=[("Content-Type", "application/json")],
+        body=b'{"echo":' + inv.body + b"}",
+        instance="inst-1",
+        cold_start=True,
+        timings={"queue": 0.001, "run": 0.0125},
+    )
+
+
+class Gateway:
+    def __init__(self, client: TestClient[Any, Any], redis: FakeRedis, queue: MemoryQueue) -> None:
+        self.client = client
+        self.redis = redis
+        self.queue = queue
+        self.images: FakeImages
+        self.seen: list[Invocation] = []
+        self.handler: Handler = ok
+
+    async def work(self) -> None:
+        """A stand-in worker: answers each invocation with ``self.handler``."""
+        while True:
+            for d in await self.queue.consume("fake-worker", 10, 0.05):
+                self.seen.append(d.invocation)
+                await self.queue.finish(d, self.handler(d.invocation))
+
+    async def deploy(self, spec: dict[str, Any]) -> Any:
+        resp = await self.client.put(f"/v1/functions/{spec['name']}", json=spec)
+        assert resp.status in (200, 201), await resp.text()
+        return await resp.json()
+
+
+@pytest.fixture
+async def gw(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
+    redis = FakeRedis()
+    # build_app's redis_ctx makes its client with aioredis.Redis.from_url: hand it the fake.
+    monkeypatch.setattr(
+        "gateway.app.aioredis",
+        types.SimpleNamespace(Redis=types.SimpleNamespace(from_url=lambda url: redis)),
+    )
+    queue = MemoryQueue()
+    images = FakeImages()
+    client = TestClient(TestServer(build_app(GATEWAY_SETTINGS, queue=queue, images=images)))
+    await client.start_server()
+    g = Gateway(client, redis, queue)
+    g.images = images
+    worker = asyncio.create_task(g.work())
+    try:
+        yield g
+    finally:
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+        await client.close()
+    # Cleanup contexts ran: the resources the app opened are closed.
+    assert redis.closed and images.closed

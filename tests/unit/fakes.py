@@ -30,6 +30,8 @@ class Behaviour:
 
     # start() raises this (a factory, so every container gets a fresh exception).
     start_error: Callable[[], Exception] | None = None
+    # start() takes this long (an engine that is slow to start the container).
+    start_delay_s: float = 0.0
     # The process exits right after start with this code (never listens).
     exit_code: int | None = None
     oom_killed: bool = False
@@ -94,6 +96,8 @@ class FakeRuntime:
     async def start(self, container_id: str) -> None:
         c = self.containers[container_id]
         b = c.behaviour
+        if b.start_delay_s:
+            await asyncio.sleep(b.start_delay_s)
         if b.start_error is not None:
             raise b.start_error()
         c.started = True
@@ -191,10 +195,12 @@ class FakeForwarder:
 
 
 class FakeRedis:
-    """The few hash commands the function registry uses, plus ping."""
+    """The few commands the registry and the worker use: hashes, strings, ping."""
 
     def __init__(self) -> None:
         self.hashes: dict[str, dict[str, bytes]] = {}
+        self.strings: dict[str, bytes] = {}
+        self.ttls_ms: dict[str, int] = {}
         self.ping_error: Exception | None = None
         self.closed = False
 
@@ -206,6 +212,19 @@ class FakeRedis:
         if self.ping_error is not None:
             raise self.ping_error
         return True
+
+    async def set(self, key: str, value: Any, px: int | None = None) -> bool:
+        self.strings[key] = self._b(value)
+        if px is not None:
+            self.ttls_ms[key] = px
+        return True
+
+    async def exists(self, *keys: str) -> int:
+        return sum(1 for k in keys if k in self.strings or k in self.hashes)
+
+    async def delete(self, *keys: str) -> int:
+        found = [k for k in keys if self.strings.pop(k, None) is not None]
+        return len(found)
 
     async def hget(self, key: str, name: str) -> bytes | None:
         return self.hashes.get(key, {}).get(name)

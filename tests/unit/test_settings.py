@@ -132,10 +132,16 @@ def test_bad_values_name_the_variable(name: str, raw: str, kind: str) -> None:
     assert kind in info.value.message
 
 
-@pytest.mark.parametrize("backend", ["kafka", "memory", "", "Redis"])
+@pytest.mark.parametrize("backend", ["kafka", "memory", "Redis"])
 def test_unknown_queue_backend_is_rejected(backend: str) -> None:
     with pytest.raises(InvalidRequest, match="IMAGEFN_QUEUE_BACKEND"):
         load_settings({"IMAGEFN_QUEUE_BACKEND": backend})
+
+
+def test_empty_strings_mean_defaults() -> None:
+    s = load_settings({"IMAGEFN_QUEUE_BACKEND": "", "IMAGEFN_PREFIX": "", "IMAGEFN_REDIS_URL": ""})
+    assert (s.queue.backend, s.queue.prefix) == ("redis", "imagefn")
+    assert s.redis.url == "redis://127.0.0.1:6379/0"
 
 
 def test_settings_are_frozen() -> None:

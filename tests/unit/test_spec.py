@@ -243,18 +243,10 @@ def test_every_bad_field_is_named_at_once() -> None:
     assert info.value.message == "invalid function spec: " + ", ".join(sorted(expected))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: NAME_RE uses '$', which also matches before a trailing newline",
-)
 def test_name_with_trailing_newline_is_rejected() -> None:
     assert "name" in bad_fields(with_(name="hello\n"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ENV_KEY_RE uses '$', which also matches before a trailing newline",
-)
 def test_env_name_with_trailing_newline_is_rejected() -> None:
     assert "env" in bad_fields(with_(env={"FOO\n": "x"}))
 
