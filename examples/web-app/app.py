@@ -145,7 +145,8 @@ class Handler(BaseHTTPRequestHandler):
 
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # PID 1 must handle SIGTERM itself
-    # Web functions may receive several requests at once: one thread per connection.
+    # SCF web functions may receive several requests at once (imagefn sends one at a time
+    # per instance for now): one thread per connection keeps the app ready for both.
     server = ThreadingHTTPServer((HOST, PORT), Handler)
     server.daemon_threads = True
     print(f"web-app listening on {HOST}:{PORT}", flush=True)
