@@ -133,6 +133,24 @@ def machine_info() -> dict[str, Any]:
         info["docker"] = out.stdout.strip() or out.stderr.strip()
     except (OSError, subprocess.TimeoutExpired) as e:
         info["docker"] = f"unknown ({e})"
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.splitlines()
+        info["code"] = f"commit {head}" + (
+            f" + {len(dirty)} uncommitted modified file(s)" if dirty else ""
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        info["code"] = "unknown"
     info["python"] = platform.python_version()
     info["aiohttp"] = aiohttp.__version__
     with contextlib.suppress(OSError):
@@ -212,7 +230,10 @@ def free_port() -> int:
 class Platform:
     """``imagefn up`` as a subprocess with its own port, Redis prefix and worker id."""
 
-    def __init__(self, redis_url: str, log_level: str, workdir: Path) -> None:
+    def __init__(
+        self, redis_url: str, log_level: str, workdir: Path, profile: str | None = None
+    ) -> None:
+        self.profile = profile
         tag = "".join(random.choices(string.ascii_lowercase + string.digits, k=8))
         self.tag = tag
         self.prefix = f"bench-{tag}"
@@ -226,6 +247,9 @@ class Platform:
         self._logf: Any = None
 
     def command(self) -> list[str]:
+        if self.profile:
+            # Diagnostic only: cProfile slows the platform down; do not compare figures.
+            return [sys.executable, "-m", "cProfile", "-o", self.profile, "-m", "cli.main", "up"]
         exe = Path(sys.executable).parent / "imagefn"
         if exe.exists():
             return [str(exe), "up"]
@@ -509,6 +533,8 @@ async def bench_warm(
         "overhead_p99_ms": gs_["p99"] - ds_["p99"],
         "overhead_mean_ms": gs_["mean"] - ds_["mean"],
         "server_timing_p50_ms": {k: pct(v, 50) for k, v in timings.items()},
+        # Phases appear only when they happened (the pool reports "wait" only above 1 ms).
+        "server_timing_count": {k: len(v) for k, v in timings.items()},
         "errors": errors,
         "unexpected_cold_starts": unexpected_cold,
         "instances_seen": sorted(instances_seen - {""}),
@@ -940,6 +966,7 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
         f" aiohttp {machine['aiohttp']}"
     )
     L.append(f"- load average at start: {' '.join(machine.get('loadavg_at_start', []))}")
+    L.append(f"- code under test: {machine.get('code', 'unknown')}")
     L.append(f"- command: `{cmd}`")
     L.append(f"- image: `{res['image']}`; platform log level: {res['log_level']}\n")
 
@@ -984,7 +1011,7 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
                 f" failed rounds: gateway {c['variants']['gateway']['failures']},"
                 f" bare {b['failures']}"
                 f" | {gv['p50']:.0f} ({gv['p90']:.0f}) ms | {b['ms']['p50']:.0f}"
-                f" ({b['ms']['p90']:.0f}) ms | x{r50:.2f}"
+                f" ({b['ms']['p90']:.0f}) ms | x{r50:.3f}"
                 f" (p90 x{b['ratio_gateway_over_this_p90']:.2f})"
                 f" | {target} | {vd} |"
             )
@@ -1020,7 +1047,10 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
                 f" | {s['mean']:.3f} | {s['min']:.3f} | {s['max']:.3f}"
                 f" | {w['errors'][label]} |"
             )
-        st = ", ".join(f"{k} {v:.3f}" for k, v in w["server_timing_p50_ms"].items())
+        st = ", ".join(
+            f"{k} {v:.3f} (in {w['server_timing_count'][k]} responses)"
+            for k, v in w["server_timing_p50_ms"].items()
+        )
         L.append(
             f"\nGateway Server-Timing p50 (ms): {st}. Unexpected cold starts in the warm phase:"
             f" {w['unexpected_cold_starts']}; instances seen: {len(w['instances_seen'])}."
@@ -1082,6 +1112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instances", type=int, default=4, help="max_instances for part 3")
     p.add_argument("--platform-log-level", default="info", help="IMAGEFN_LOG_LEVEL of the platform")
     p.add_argument("--only", default="warm,cold,throughput", help="parts to run (comma separated)")
+    p.add_argument(
+        "--profile-platform",
+        metavar="FILE",
+        help="diagnostic: run the platform under cProfile and save its stats to FILE "
+        "(the figures are then not comparable)",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.blocks, a.block_size, a.warmup = 4, 100, 50
@@ -1107,7 +1143,7 @@ async def amain(a: argparse.Namespace) -> int:
         flush=True,
     )
     workdir = Path(tempfile.mkdtemp(prefix="imagefn-bench-"))
-    plat = Platform(a.redis_url, a.platform_log_level, workdir)
+    plat = Platform(a.redis_url, a.platform_log_level, workdir, a.profile_platform)
     docker = aiodocker.Docker()
     res: dict[str, Any] = {"image": a.image, "log_level": a.platform_log_level, "quick": a.quick}
     ctl: Control | None = None
@@ -1176,7 +1212,12 @@ async def amain(a: argparse.Namespace) -> int:
             await r.aclose()
     res["machine"] = machine
     res["command"] = cmd
-    res["platform"] = {"prefix": plat.prefix, "worker_id": plat.worker_id, "port": plat.port}
+    res["platform"] = {
+        "prefix": plat.prefix,
+        "worker_id": plat.worker_id,
+        "port": plat.port,
+        "log": str(plat.log_path),
+    }
     with contextlib.suppress(OSError):
         machine["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]  # noqa: ASYNC240
     report = render(machine, cmd, res)
@@ -1184,10 +1225,7 @@ async def amain(a: argparse.Namespace) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1, default=str))  # noqa: ASYNC240
         log(f"raw figures saved to {a.json}")
-    if rc == 0:
-        shutil.rmtree(workdir, ignore_errors=True)
-    else:
-        log(f"platform log kept in {plat.log_path}")
+    log(f"platform log: {plat.log_path}")
     return rc
 
 
