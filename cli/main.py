@@ -56,7 +56,18 @@ def _serve(
                 raise r
 
     configure_logging(settings.log_level)
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
+        runner.run(main())
+
+
+def _loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if not settings.uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> None:

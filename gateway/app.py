@@ -89,7 +89,9 @@ def build_app(
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         client = aioredis.Redis.from_url(settings.redis.url)
         app[REDIS] = client
-        app[REGISTRY] = FunctionRegistry(client, Keys(settings.queue.prefix))
+        app[REGISTRY] = FunctionRegistry(
+            client, Keys(settings.queue.prefix), settings.gateway.function_cache_s
+        )
         yield
         await client.aclose()
 

@@ -1,7 +1,8 @@
 """Wire formats that cross the queue: an invocation and its result.
 
-Both travel as two fields: ``m`` (JSON metadata) and ``b`` (the raw body bytes), so bodies
-of any content type cross unchanged and are never base64-inflated.
+Both travel as fields: ``m`` (JSON metadata), ``b`` (the raw body bytes, so bodies of any
+content type cross unchanged and are never base64-inflated) and, for an invocation, ``r``
+(the function record's JSON, parsed once per distinct record on the receiving side).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ class Invocation:
     def encode(self) -> dict[str, bytes]:
         meta = {
             "request_id": self.request_id,
-            "record": self.record.to_dict(),
             "kind": self.kind,
             "method": self.method,
             "path": self.path,
@@ -57,14 +57,18 @@ class Invocation:
             "call_id": self.call_id,
             "version": self.version,
         }
-        return {"m": json.dumps(meta, separators=(",", ":")).encode(), "b": self.body}
+        return {
+            "m": json.dumps(meta, separators=(",", ":")).encode(),
+            "r": self.record.json_bytes,
+            "b": self.body,
+        }
 
     @classmethod
     def decode(cls, fields: dict[bytes, bytes]) -> Invocation:
         meta = json.loads(fields[b"m"])
         return cls(
             request_id=meta["request_id"],
-            record=FunctionRecord.from_dict(meta["record"]),
+            record=FunctionRecord.from_json(fields[b"r"]),
             kind=meta["kind"],
             method=meta["method"],
             path=meta["path"],

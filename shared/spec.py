@@ -5,6 +5,7 @@ Validation collects every problem before failing so that a user fixes a spec in 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -90,10 +91,24 @@ class FunctionRecord:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> FunctionRecord:
-        return cls.from_dict(json.loads(raw))
+        return _record_from_json(raw.encode() if isinstance(raw, str) else raw)
+
+    @functools.cached_property
+    def json_bytes(self) -> bytes:
+        """The record as JSON, encoded once per record object (every invocation of a
+        function carries it)."""
+        return self.to_json().encode()
 
 
 SPEC_FIELDS = frozenset(FunctionSpec.__dataclass_fields__)
+
+
+@functools.lru_cache(maxsize=4096)
+def _record_from_json(raw: bytes) -> FunctionRecord:
+    # Every invocation carries its function's record; parsing and validating the same
+    # bytes again on each one would cost more than the rest of the hop. Records are
+    # immutable, so one parsed object can serve every invocation with the same bytes.
+    return FunctionRecord.from_dict(json.loads(raw))
 
 
 def _str_list(value: Any, key: str, errors: dict[str, str]) -> tuple[str, ...] | None:
