@@ -14,7 +14,9 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -154,13 +156,22 @@ def _load_spec_file(path: str) -> dict[str, Any]:
 
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
     doc = _load_spec_file(args.file)
+    # `build: DIR` (relative to the spec file) is the CLI's business: build and push the
+    # image there, then deploy the spec, whose tag the gateway pins to its digest.
+    build = doc.pop("build", None)
+    if build is not None:
+        if not isinstance(build, str) or not isinstance(doc.get("image"), str):
+            raise CliError(f"{args.file}: 'build' is a directory and needs an 'image' to push to")
+        from cli.images import ImageBuildError, build_and_push
+
+        try:
+            doc["image"] = build_and_push(Path(args.file).parent / build, doc["image"], settings)
+        except (ImageBuildError, ImagefnError) as e:
+            raise CliError(str(e)) from None
     status, _, raw = _request(args, "PUT", f"/v1/functions/{doc['name']}", json.dumps(doc).encode())
     rec = json.loads(raw)
     verb = "created" if status == 201 else "updated"
-    print(
-        f"{verb} {rec['name']} revision {rec['revision']} ({rec['type']}, image {rec['image']}"
-        f" = {rec['image_id'][:19]})"
-    )
+    print(f"{verb} {rec['name']} version {rec['version']} ({rec['type']}): {rec['image_ref']}")
 
 
 def cmd_invoke(args: argparse.Namespace, settings: Settings) -> None:
@@ -174,7 +185,10 @@ def cmd_invoke(args: argparse.Namespace, settings: Settings) -> None:
         json.loads(data)
     except ValueError as e:
         raise CliError(f"--data is not valid JSON: {e}") from None
-    _, headers, body = _request(args, "POST", f"/v1/functions/{args.name}/invoke", data.encode())
+    path = f"/v1/functions/{args.name}/invoke"
+    if args.qualifier:
+        path += "?" + urllib.parse.urlencode({"qualifier": args.qualifier})
+    _, headers, body = _request(args, "POST", path, data.encode())
     sys.stdout.write(body.decode("utf-8", "replace"))
     if not body.endswith(b"\n"):
         sys.stdout.write("\n")
@@ -194,7 +208,7 @@ def cmd_ls(args: argparse.Namespace, settings: Settings) -> None:
         (
             f["name"],
             f["type"],
-            str(f["revision"]),
+            str(f["version"]),
             f["image"],
             f"{f['memory_mb']}MB",
             f"{f['timeout_s']:g}s",
@@ -204,6 +218,36 @@ def cmd_ls(args: argparse.Namespace, settings: Settings) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def cmd_versions(args: argparse.Namespace, settings: Settings) -> None:
+    _, _, raw = _request(args, "GET", f"/v1/functions/{args.name}/versions")
+    found = json.loads(raw)
+    by_version: dict[int, list[str]] = {}
+    for alias, version in found["aliases"].items():
+        by_version.setdefault(version, []).append(alias)
+    rows = [("VERSION", "CREATED", "DIGEST", "ALIASES")]
+    for v in found["versions"]:
+        names = sorted(by_version.get(v["version"], []))
+        if v["version"] == found["latest"]:
+            names.insert(0, "$LATEST")
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["updated_at"]))
+        rows.append((str(v["version"]), created, v["image_digest"][:19], ",".join(names)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def cmd_alias(args: argparse.Namespace, settings: Settings) -> None:
+    if args.delete:
+        _request(args, "DELETE", f"/v1/functions/{args.name}/aliases/{args.alias}")
+        print(f"removed alias {args.alias} of {args.name}")
+        return
+    if args.version is None:
+        raise CliError("give the VERSION the alias points at (or --delete)")
+    body = json.dumps({"version": args.version}).encode()
+    _request(args, "PUT", f"/v1/functions/{args.name}/aliases/{args.alias}", body)
+    print(f"{args.name}:{args.alias} -> version {args.version}")
 
 
 def cmd_rm(args: argparse.Namespace, settings: Settings) -> None:
@@ -227,11 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("invoke", help="invoke an event function and print its result")
     i.add_argument("name")
     i.add_argument("--data", default="{}", help="event JSON, or @file")
+    i.add_argument("-q", "--qualifier", default="", help="version number or alias ($LATEST)")
     i.add_argument(
         "-v", "--verbose", action="store_true", help="show request id, instance, timings"
     )
     i.set_defaults(fn=cmd_invoke)
     sub.add_parser("ls", help="list functions").set_defaults(fn=cmd_ls)
+    v = sub.add_parser("versions", help="list a function's versions and aliases")
+    v.add_argument("name")
+    v.set_defaults(fn=cmd_versions)
+    a = sub.add_parser("alias", help="point an alias at a version (rollback), or delete it")
+    a.add_argument("name")
+    a.add_argument("alias")
+    a.add_argument("version", nargs="?", type=int)
+    a.add_argument("--delete", action="store_true")
+    a.set_defaults(fn=cmd_alias)
     r = sub.add_parser("rm", help="delete a function")
     r.add_argument("name")
     r.set_defaults(fn=cmd_rm)

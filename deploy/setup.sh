@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a Debian 12 machine (fresh, or already set up) to run and test imagefn:
-# system packages, the Docker engine, Redis, the Python venv, and every local image.
+# system packages, the Docker engine, Redis, the Python venv, every local image, and the
+# private registry.
 # Idempotent: a second run finds everything in place and takes a few seconds.
 # Runs as root; no systemd is assumed (daemons are started in the background).
 set -euo pipefail
@@ -27,7 +28,8 @@ wait_for() {
 # --- system packages ---------------------------------------------------------------
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 missing=()
-for pkg in docker.io redis-server debootstrap busybox-static curl python3 python3-venv; do
+for pkg in docker.io redis-server docker-registry openssl debootstrap busybox-static curl python3 \
+  python3-venv; do
   installed "$pkg" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -85,4 +87,6 @@ for dir in examples/*/ tests/images/*/; do
     tests/images/*) build "imagefn-test/$(basename "$dir"):latest" "$dir" ;;
   esac
 done
+# --- private registry (token auth; keys and credentials under /var/lib/imagefn) -----
+bash deploy/registry.sh
 step "setup done"

@@ -17,10 +17,11 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway import functions, invoke
-from gateway.context import IMAGES, QUEUE, REDIS, REGISTRY, REQUEST_ID, SETTINGS
+from gateway import functions, invoke, token_service
+from gateway.context import IMAGES, QUEUE, REDIS, REGISTRY, REQUEST_ID, SETTINGS, TOKENS
 from gateway.errors import Handler, error_response, http_exception_to_error, log
-from gateway.images import ImageResolver, LocalImageResolver, UncheckedImageResolver
+from gateway.images import ImageResolver, RegistryImageResolver, UncheckedImageResolver
+from gateway.tokens import REPOSITORY, Access, TokenIssuer
 from shared.errors import ImagefnError, InternalError, ServiceUnavailable
 from shared.http import REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER
 from shared.keys import Keys
@@ -107,7 +108,15 @@ def build_app(
         if images is not None:
             resolver = images
         elif settings.gateway.check_images:
-            resolver = LocalImageResolver(settings.worker.docker_url)
+            issuer = TokenIssuer.from_settings(settings.registry)
+            app[TOKENS] = issuer
+
+            async def pull_token(repository: str) -> str:
+                # The gateway's own short-lived token, to read manifests at deploy.
+                access = [Access(REPOSITORY, repository, ("pull",))]
+                return issuer.issue("imagefn-gateway", access, ttl_s=60).token
+
+            resolver = RegistryImageResolver(settings.registry.address, pull_token)
         else:
             resolver = UncheckedImageResolver()
         app[IMAGES] = resolver
@@ -118,6 +127,7 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.yaml", openapi)
     app.router.add_routes(functions.routes)
+    app.router.add_routes(token_service.routes)
     app.router.add_routes(invoke.routes)
     invoke.add_web_routes(app)
 

@@ -6,6 +6,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.images import ImageResolver
+from gateway.tokens import TokenIssuer
 from shared.queue.base import InvocationQueue
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
@@ -15,6 +16,9 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 QUEUE = web.AppKey("queue", InvocationQueue)
 REGISTRY = web.AppKey("registry", FunctionRegistry)
 IMAGES = web.AppKey("images", ImageResolver)
+# Signs registry tokens; absent when no signing key is configured (the token route then
+# answers 503).
+TOKENS = web.AppKey("tokens", TokenIssuer)
 
 # The request id of the request being handled (set by the request_context middleware).
 REQUEST_ID = web.RequestKey("request_id", str)

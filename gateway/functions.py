@@ -54,9 +54,9 @@ async def put_function(request: web.Request) -> web.Response:
             except InvalidSpec as bad_image:
                 raise InvalidSpec({**bad.fields, **bad_image.fields}) from None
         raise
-    image_id = await request.app[IMAGES].resolve(spec.image)
-    record, created = await request.app[REGISTRY].put(spec, image_id)
-    log.info("function_deployed", function=name, revision=record.revision, image_id=image_id)
+    image = await request.app[IMAGES].resolve(spec.image)
+    record, created = await request.app[REGISTRY].put(spec, image.ref, image.digest)
+    log.info("function_deployed", function=name, version=record.version, image_ref=image.ref)
     return web.json_response(record.to_dict(), status=201 if created else 200)
 
 
@@ -64,6 +64,38 @@ async def put_function(request: web.Request) -> web.Response:
 async def get_function(request: web.Request) -> web.Response:
     record = await request.app[REGISTRY].get(request.match_info["name"])
     return web.json_response(record.to_dict())
+
+
+@routes.get("/v1/functions/{name}/versions")
+async def list_versions(request: web.Request) -> web.Response:
+    found = await request.app[REGISTRY].versions(request.match_info["name"])
+    return web.json_response(
+        {
+            "latest": found.latest,
+            "aliases": found.aliases,
+            "versions": [r.to_dict() for r in found.versions],
+        }
+    )
+
+
+@routes.put("/v1/functions/{name}/aliases/{alias}")
+async def put_alias(request: web.Request) -> web.Response:
+    name, alias = request.match_info["name"], request.match_info["alias"]
+    doc = await _document(request)
+    version = doc.get("version") if isinstance(doc, dict) else None
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InvalidRequest('body must be {"version": N} with N a published version number')
+    await request.app[REGISTRY].set_alias(name, alias, version)
+    log.info("alias_set", function=name, alias=alias, version=version)
+    return web.json_response({"function": name, "alias": alias, "version": version})
+
+
+@routes.delete("/v1/functions/{name}/aliases/{alias}")
+async def delete_alias(request: web.Request) -> web.Response:
+    name, alias = request.match_info["name"], request.match_info["alias"]
+    await request.app[REGISTRY].delete_alias(name, alias)
+    log.info("alias_deleted", function=name, alias=alias)
+    return web.Response(status=204)
 
 
 @routes.delete("/v1/functions/{name}")

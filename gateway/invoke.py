@@ -14,11 +14,19 @@ from gateway.context import QUEUE, REGISTRY, REQUEST_ID, SETTINGS
 from shared.errors import FunctionTimeout, InvalidRequest, error_from_dict
 from shared.http import REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER, strip_hop_by_hop
 from shared.messages import Invocation, InvocationResult
+from shared.registry import LATEST
 from shared.spec import FunctionRecord
 
 routes = web.RouteTableDef()
 
+# Names the version or alias a web invocation runs (events use ?qualifier=).
+QUALIFIER_HEADER = "X-Imagefn-Qualifier"
 WEB_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _scf_version(qualifier: str, record: FunctionRecord) -> str:
+    """X-Scf-Version: $LATEST, or the published version number an alias or number named."""
+    return LATEST if qualifier in ("", LATEST) else str(record.version)
 
 
 def _wait_s(request: web.Request, record: FunctionRecord) -> float:
@@ -59,7 +67,8 @@ def _platform_headers(request_id: str, result: InvocationResult) -> dict[str, st
 @routes.post("/v1/functions/{name}/invoke")
 async def invoke_event(request: web.Request) -> web.Response:
     structlog.contextvars.bind_contextvars(function=request.match_info["name"])
-    record = await request.app[REGISTRY].get(request.match_info["name"])
+    qualifier = request.query.get("qualifier", LATEST)
+    record = await request.app[REGISTRY].resolve(request.match_info["name"], qualifier)
     if record.spec.type != "event":
         raise InvalidRequest(
             f"{record.spec.name} is a web function; call it under /web/{record.spec.name}/"
@@ -81,6 +90,7 @@ async def invoke_event(request: web.Request) -> web.Response:
         body=body,
         deadline=time.time() + wait_s,
         reply_to=request.app[QUEUE].reply_address(),
+        version=_scf_version(qualifier, record),
     )
     result = await _call(request, inv, wait_s)
     ctype = next((v for k, v in result.headers if k.lower() == "content-type"), None)
@@ -93,7 +103,8 @@ async def invoke_event(request: web.Request) -> web.Response:
 async def invoke_web(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     structlog.contextvars.bind_contextvars(function=name)
-    record = await request.app[REGISTRY].get(name)
+    qualifier = request.headers.get(QUALIFIER_HEADER, LATEST)
+    record = await request.app[REGISTRY].resolve(name, qualifier)
     if record.spec.type != "web":
         raise InvalidRequest(
             f"{name} is an event function; invoke it with POST /v1/functions/{name}/invoke"
@@ -126,6 +137,7 @@ async def invoke_web(request: web.Request) -> web.Response:
         body=await request.read(),
         deadline=time.time() + wait_s,
         reply_to=request.app[QUEUE].reply_address(),
+        version=_scf_version(qualifier, record),
     )
     result = await _call(request, inv, wait_s)
     resp = web.Response(status=result.status, body=result.body)

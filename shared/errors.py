@@ -51,7 +51,19 @@ class InvalidSpec(InvalidRequest):
         self.fields = fields
 
 
+class Unauthorized(ImagefnError):
+    """Missing or wrong credentials (the registry token service)."""
+
+    http_status = 401
+
+
 class FunctionNotFound(ImagefnError):
+    http_status = 404
+
+
+class VersionNotFound(ImagefnError):
+    """The function exists, but not the version or alias an invocation named."""
+
     http_status = 404
 
 

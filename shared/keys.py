@@ -9,14 +9,22 @@ class Keys:
 
     @property
     def functions(self) -> str:
-        """Hash: function name → FunctionRecord JSON."""
+        """Hash: function name → FunctionRecord JSON of its newest version ($LATEST)."""
         return f"{self.prefix}:functions"
 
     @property
-    def revisions(self) -> str:
-        """Hash: function name → last revision number handed out (survives deletes, so
-        revisions only grow)."""
-        return f"{self.prefix}:revisions"
+    def version_counter(self) -> str:
+        """Hash: function name → last version number handed out (survives deletes, so
+        version numbers only grow and are never reused)."""
+        return f"{self.prefix}:version-counter"
+
+    def versions(self, function: str) -> str:
+        """Hash: version number → FunctionRecord JSON; published versions never change."""
+        return f"{self.prefix}:versions:{function}"
+
+    def aliases(self, function: str) -> str:
+        """Hash: alias name → version number."""
+        return f"{self.prefix}:aliases:{function}"
 
     @property
     def invocations(self) -> str:

@@ -57,20 +57,24 @@ class FunctionSpec:
 
 @dataclass(frozen=True)
 class FunctionRecord:
-    """A deployed function: the user's spec plus what the platform resolved at deploy."""
+    """One published version of a function: the user's spec plus what the platform
+    resolved at deploy. Immutable once published."""
 
     spec: FunctionSpec
-    # The local image id the tag resolved to at deploy; instances run exactly this.
-    image_id: str
-    revision: int
+    # What instances run: the image pinned by digest (repository@sha256:...), so pushing
+    # new content under the same tag changes nothing until the next deploy.
+    image_ref: str
+    image_digest: str
+    version: int
     created_at: float
     updated_at: float
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.spec.to_dict(),
-            "image_id": self.image_id,
-            "revision": self.revision,
+            "image_ref": self.image_ref,
+            "image_digest": self.image_digest,
+            "version": self.version,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
@@ -83,8 +87,9 @@ class FunctionRecord:
         fields_ = {k: v for k, v in d.items() if k in SPEC_FIELDS}
         return cls(
             spec=parse_spec(fields_),
-            image_id=str(d["image_id"]),
-            revision=int(d["revision"]),
+            image_ref=str(d["image_ref"]),
+            image_digest=str(d.get("image_digest", "")),
+            version=int(d["version"]),
             created_at=float(d["created_at"]),
             updated_at=float(d["updated_at"]),
         )

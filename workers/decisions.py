@@ -39,7 +39,7 @@ def choose(
     instances: Sequence[InstanceView],
     *,
     function: str,
-    revision: int,
+    version: int,
     memory_mb: int,
     max_instances: int,
     per_instance: int,
@@ -47,17 +47,19 @@ def choose(
 ) -> Decision:
     """Where the next invocation of ``function`` should run on this worker.
 
-    1. A warm instance of the same revision with a free slot; the most recently used one,
+    1. A warm instance of the same version with a free slot; the most recently used one,
        so that load concentrates and surplus instances reach their idle TTL.
-    2. Otherwise a new instance, if the function is under ``max_instances`` and memory
-       allows (evicting idle instances of other functions, least recently used first).
+    2. Otherwise a new instance, if the function is under ``max_instances`` (an idle
+       instance of another version of it gives up its place) and memory allows
+       (evicting idle instances of other functions or versions, least recently used
+       first).
     3. Otherwise wait for a slot.
     """
     mine = [v for v in instances if v.function == function and not v.retiring]
     candidates = [
         v
         for v in mine
-        if v.revision == revision
+        if v.version == version
         and v.state in (State.READY, State.BUSY)
         and v.inflight < per_instance
     ]
@@ -68,15 +70,26 @@ def choose(
         return UseInstance(best.id)
 
     live_mine = [v for v in mine if v.state not in (State.STOPPING, State.GONE)]
+    replace: tuple[str, ...] = ()
     if len(live_mine) >= max_instances:
-        return Wait(f"function has {len(live_mine)} of {max_instances} instances busy")
+        # An idle instance of another version gives its place up to this one.
+        other = [
+            v
+            for v in live_mine
+            if v.version != version and v.state is State.READY and v.inflight == 0
+        ]
+        if not other:
+            return Wait(f"function has {len(live_mine)} of {max_instances} instances busy")
+        victim = min(other, key=lambda v: v.last_used)
+        replace = (victim.id,)
+        instances = [v for v in instances if v.id != victim.id]
 
     used = sum(v.memory_mb for v in instances if v.state is not State.GONE)
     free = memory_capacity_mb - used
     if free >= memory_mb:
-        return StartInstance()
-    evict: list[str] = []
-    for v in sorted(evictable(instances, function), key=lambda v: v.last_used):
+        return StartInstance(evict=replace)
+    evict: list[str] = list(replace)
+    for v in sorted(evictable(instances, function, version), key=lambda v: v.last_used):
         evict.append(v.id)
         free += v.memory_mb
         if free >= memory_mb:
@@ -84,29 +97,19 @@ def choose(
     return Wait(f"worker memory full ({used} of {memory_capacity_mb} MiB in use)", for_memory=True)
 
 
-def evictable(instances: Iterable[InstanceView], for_function: str) -> list[InstanceView]:
-    """Idle instances of *other* functions, which may be removed to make room. (This
-    function's idle instances of an older revision are retired by ``stale_revisions``.)"""
+def evictable(
+    instances: Iterable[InstanceView], for_function: str, for_version: int
+) -> list[InstanceView]:
+    """Idle instances that may be removed to make room for ``for_function`` at
+    ``for_version``: any other function's, and this function's of other versions (an
+    alias may still send work to those, so they are not retired on sight)."""
     return [
         v
         for v in instances
         if v.state is State.READY
         and v.inflight == 0
         and not v.retiring
-        and v.function != for_function
-    ]
-
-
-def stale_revisions(instances: Iterable[InstanceView], function: str, revision: int) -> list[str]:
-    """Idle instances of ``function`` that run an older revision than the one deployed."""
-    return [
-        v.id
-        for v in instances
-        if v.function == function
-        and v.revision < revision
-        and v.state is State.READY
-        and v.inflight == 0
-        and not v.retiring
+        and (v.function != for_function or v.version != for_version)
     ]
 
 

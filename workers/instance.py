@@ -104,7 +104,7 @@ class Instance:
         return InstanceView(
             id=self.id,
             function=self.function,
-            revision=self.record.revision,
+            version=self.record.version,
             state=self.state,
             inflight=self.inflight,
             last_used=self.last_used,
@@ -119,7 +119,7 @@ class InstanceView:
 
     id: str
     function: str
-    revision: int
+    version: int
     state: State
     inflight: int
     last_used: float

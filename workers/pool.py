@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import time
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -62,6 +62,10 @@ STATE_CHECK_EVERY_S = 0.1
 SLOT_WAIT_MARGIN_S = 0.5
 
 
+class ImageProvider(Protocol):
+    async def ensure(self, image_ref: str) -> float: ...
+
+
 class ContainerPool:
     def __init__(
         self,
@@ -70,8 +74,10 @@ class ContainerPool:
         settings: WorkerSettings,
         worker_id: str,
         installation: str,
+        images: ImageProvider,
     ) -> None:
         self._installation = installation
+        self._images = images
         self._runtime = runtime
         self._forwarder = forwarder
         self._settings = settings
@@ -91,6 +97,9 @@ class ContainerPool:
 
     def owns_container(self, container_id: str) -> bool:
         return container_id in self._by_container
+
+    def images_in_use(self) -> set[str]:
+        return {i.record.image_ref for i in self._instances.values()}
 
     # -- invocation path -------------------------------------------------------------------
 
@@ -199,11 +208,10 @@ class ContainerPool:
             while True:
                 if self._closing:
                     raise ServiceUnavailable("worker is shutting down")
-                self._retire_stale(record)
                 decision = decisions.choose(
                     [i.view() for i in self._instances.values()],
                     function=spec.name,
-                    revision=record.revision,
+                    version=record.version,
                     memory_mb=spec.memory_mb,
                     max_instances=spec.max_instances,
                     per_instance=1,
@@ -248,11 +256,6 @@ class ContainerPool:
             await self._release(inst)
             raise inst.start_error
         return inst, True
-
-    def _retire_stale(self, record: FunctionRecord) -> None:
-        views = [i.view() for i in self._instances.values()]
-        for iid in decisions.stale_revisions(views, record.spec.name, record.revision):
-            self._instances[iid].retire("redeployed")
 
     async def _release(self, inst: Instance) -> None:
         inst.inflight -= 1
@@ -334,7 +337,7 @@ class ContainerPool:
         s = self._settings
         return ContainerConfig(
             name=f"imagefn-{spec.name}-{inst.id}",
-            image=inst.record.image_id,
+            image=inst.record.image_ref,
             command=spec.command,
             args=spec.args,
             env=spec.env,
@@ -353,6 +356,9 @@ class ContainerPool:
         )
 
     async def _start(self, inst: Instance) -> None:
+        pull_s = await self._images.ensure(inst.record.image_ref)
+        if pull_s:
+            inst.start_timings["pull"] = pull_s
         t = time.monotonic()
         inst.container_id = await asyncio.wait_for(
             self._runtime.create(self._container_config(inst)), ENGINE_CALL_TIMEOUT_S

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,7 +18,7 @@ import aiodocker
 import structlog
 from aiodocker.exceptions import DockerError
 
-from shared.errors import ContainerInitError, ServiceUnavailable
+from shared.errors import ContainerInitError, PullImageFailed, ServiceUnavailable
 
 log = structlog.get_logger("imagefn.runtime")
 
@@ -107,6 +107,12 @@ class ContainerRuntime(Protocol):
     async def remove(self, container_id: str, stop_timeout_s: float) -> None: ...
     async def list_managed(self) -> list[ManagedContainer]: ...
     def die_events(self, worker_id: str) -> AsyncIterator[str]: ...
+    async def image_size(self, image_ref: str) -> int | None: ...
+    async def image_digests(self, image_ref: str) -> list[str]: ...
+    async def pull(
+        self, image_ref: str, auth: dict[str, str], progress: Callable[[dict[str, Any]], None]
+    ) -> None: ...
+    async def remove_image(self, image_ref: str) -> bool: ...
     async def close(self) -> None: ...
 
 
@@ -226,6 +232,59 @@ class DockerRuntime:
                 cid = event.get("id") or (event.get("Actor") or {}).get("ID")
                 if cid:
                     yield str(cid)
+
+    # -- images ----------------------------------------------------------------------------
+
+    async def _image(self, image_ref: str) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = await self._docker.images.inspect(image_ref)
+        except DockerError as e:
+            if e.status == 404:
+                return None
+            raise ServiceUnavailable(f"docker image inspect failed: {_docker_message(e)}") from e
+        return data
+
+    async def image_size(self, image_ref: str) -> int | None:
+        data = await self._image(image_ref)
+        return None if data is None else int(data.get("Size") or 0)
+
+    async def image_digests(self, image_ref: str) -> list[str]:
+        data = await self._image(image_ref)
+        return [str(d) for d in (data or {}).get("RepoDigests") or []]
+
+    async def pull(
+        self, image_ref: str, auth: dict[str, str], progress: Callable[[dict[str, Any]], None]
+    ) -> None:
+        try:
+            async for event in self._docker.images.pull(image_ref, auth=auth, stream=True):
+                if "error" in event:
+                    raise PullImageFailed(_pull_reason(image_ref, str(event["error"])))
+                progress(event)
+        except DockerError as e:
+            raise PullImageFailed(_pull_reason(image_ref, _docker_message(e))) from None
+
+    async def remove_image(self, image_ref: str) -> bool:
+        try:
+            await self._docker.images.delete(image_ref)
+        except DockerError as e:
+            if e.status == 404:
+                return True
+            # 409: a container still uses it; keep it for now.
+            return False
+        return True
+
+
+def _pull_reason(image_ref: str, message: str) -> str:
+    low = message.lower()
+    if "unauthorized" in low or "authentication required" in low or "denied" in low:
+        why = "the registry refused the credential"
+    elif "manifest unknown" in low or "not found" in low:
+        why = "the image is no longer in the registry"
+    elif "connection refused" in low or "no such host" in low or "timeout" in low:
+        why = "the registry is unreachable"
+    else:
+        why = "the pull failed"
+    return f"cannot pull {image_ref}: {why} ({message.strip()[:300]})"
 
 
 async def wait_for_exit(

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from shared.queue.redis_streams import RedisStreamsQueue
 from shared.settings import Settings
 from workers.forwarder import Forwarder
+from workers.images import ImageStore, TokenSource
 from workers.pool import ContainerPool
 from workers.runtime import DockerRuntime
 from workers.worker import Worker
@@ -33,12 +34,20 @@ async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
             timeout=aiohttp.ClientTimeout(total=None),
         )
         stack.push_async_callback(session.close)
+        pool: ContainerPool | None = None
+        images = ImageStore(
+            runtime,
+            TokenSource(settings.registry, session).pull_token,
+            settings.registry,
+            in_use=lambda: pool.images_in_use() if pool is not None else set(),
+        )
         pool = ContainerPool(
             runtime,
             Forwarder(session, settings.worker),
             settings.worker,
             settings.worker.worker_id,
             settings.queue.prefix,
+            images,
         )
         worker = Worker(settings, queue, pool, runtime, redis)
         run = asyncio.create_task(worker.run(), name="worker")

@@ -30,8 +30,17 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway import token_service
 from gateway.app import build_app
-from shared.settings import load_settings
+from gateway.context import SETTINGS, TOKENS
+from gateway.tokens import TokenIssuer
+from shared.settings import RegistrySettings, Settings, load_settings
+from tests.integration.registry_support import (
+    make_token_keys,
+    start_registry,
+    stop_registry,
+    write_registry_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TESTFN = "imagefn-test/testfn:latest"
@@ -112,9 +121,98 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.wait(10)
 
 
-def platform_env(redis_url: str, prefix: str) -> dict[str, str]:
+@dataclass
+class RegistryInfo:
+    """The session's private registry, with token auth served by a token-only app."""
+
+    address: str
+    settings: RegistrySettings
+    issuer: TokenIssuer
+    env: dict[str, str]
+    config_path: Path
+
+    def deployer_auth(self) -> dict[str, str]:
+        return {
+            "username": self.settings.deploy_user,
+            "password": self.settings.deploy_password,
+            "serveraddress": self.address,
+        }
+
+
+@pytest.fixture(scope="session")
+async def registry(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RegistryInfo]:
+    """A real registry (docker-registry) with token authentication. Its realm is a small
+    app serving only the gateway's token route, so every platform the tests start (and
+    their workers) share one token service and one registry."""
+    d = tmp_path_factory.mktemp("registry")
+    key, cert = make_token_keys(d)
+    token_port, reg_port = free_port(), free_port()
+    reg = RegistrySettings(
+        address=f"127.0.0.1:{reg_port}",
+        service="imagefn-it-registry",
+        issuer="imagefn-it",
+        signing_key=str(key),
+        signing_cert=str(cert),
+        deploy_password=uuid.uuid4().hex,
+        worker_secret=uuid.uuid4().hex,
+        token_url=f"http://127.0.0.1:{token_port}/v1/registry/token",
+        pull_timeout_s=60,
+    )
+    issuer = TokenIssuer.from_settings(reg)
+    app = web.Application()
+    app[SETTINGS] = Settings(registry=reg)
+    app[TOKENS] = issuer
+    app.router.add_routes(token_service.routes)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", token_port).start()
+    config = write_registry_config(
+        d, reg_port, reg.token_url, reg.service, reg.issuer, cert, d / "data"
+    )
+    proc = start_registry(config, reg_port)
+    env = {
+        "IMAGEFN_REGISTRY": reg.address,
+        "IMAGEFN_REGISTRY_SERVICE": reg.service,
+        "IMAGEFN_TOKEN_ISSUER": reg.issuer,
+        "IMAGEFN_TOKEN_KEY": str(key),
+        "IMAGEFN_TOKEN_CERT": str(cert),
+        "IMAGEFN_DEPLOY_PASSWORD": reg.deploy_password,
+        "IMAGEFN_WORKER_SECRET": reg.worker_secret,
+        "IMAGEFN_TOKEN_URL": reg.token_url,
+        "IMAGEFN_PULL_TIMEOUT_S": "60",
+    }
+    try:
+        yield RegistryInfo(reg.address, reg, issuer, env, config)
+    finally:
+        stop_registry(proc)
+        await runner.cleanup()
+
+
+async def push_image(registry: RegistryInfo, local: str, repository: str, tag: str) -> None:
+    """Tag a local image into the registry and push it as the deployer."""
+    import aiodocker
+
+    target = f"{registry.address}/{repository}"
+    docker("tag", local, f"{target}:{tag}")
+    async with aiodocker.Docker() as client:
+        async for event in client.images.push(
+            target, tag=tag, auth=registry.deployer_auth(), stream=True
+        ):
+            assert "error" not in event, event
+
+
+@pytest.fixture(scope="session")
+async def pushed_images(docker_engine: None, registry: RegistryInfo) -> None:
+    """The test and example images, in the registry under their local names."""
+    for local in IMAGES:
+        repository, tag = local.rsplit(":", 1)
+        await push_image(registry, local, repository, tag)
+
+
+def platform_env(redis_url: str, prefix: str, registry: RegistryInfo) -> dict[str, str]:
     """Settings with short timings so takeover and clean-up tests finish in seconds."""
     return {
+        **registry.env,
         "IMAGEFN_REDIS_URL": redis_url,
         "IMAGEFN_PREFIX": prefix,
         "IMAGEFN_RECLAIM_IDLE_MS": "3000",
@@ -209,11 +307,17 @@ class Platform:
 
 @contextlib.asynccontextmanager
 async def running_platform(
-    redis_url: str, log_dir: Path, *, workers: int = 1, prefix: str | None = None
+    redis_url: str,
+    log_dir: Path,
+    registry: RegistryInfo,
+    *,
+    workers: int = 1,
+    prefix: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> AsyncIterator[Platform]:
     """A gateway in this event loop plus worker subprocesses, all on one key prefix."""
     prefix = prefix or f"it-{uuid.uuid4().hex[:8]}"
-    env = platform_env(redis_url, prefix)
+    env = {**platform_env(redis_url, prefix, registry), **(extra_env or {})}
     settings = load_settings(env)
     runner = web.AppRunner(build_app(settings), access_log=None)
     await runner.setup()
@@ -242,10 +346,12 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-async def platform(docker_engine: None, redis_url: str, log_dir: Path) -> AsyncIterator[Platform]:
+async def platform(
+    pushed_images: None, redis_url: str, log_dir: Path, registry: RegistryInfo
+) -> AsyncIterator[Platform]:
     """One platform shared by the tests that need no private one (each deploys its own
     function names)."""
-    async with running_platform(redis_url, log_dir, workers=1) as p:
+    async with running_platform(redis_url, log_dir, registry, workers=1) as p:
         yield p
     left = managed_containers(STARTED_WORKERS)
     assert not left, f"containers left behind after the suite: {left}"

@@ -50,7 +50,7 @@ async def test_missing_image_is_refused(platform: Platform, client: aiohttp.Clie
         f"{platform.url}/v1/functions/{unique('noimg')}", json={"image": "nope/nothing:1"}
     ) as resp:
         assert resp.status == 400
-        assert "does not exist" in (await resp.json())["error"]["fields"]["image"]
+        assert "not in the registry" in (await resp.json())["error"]["fields"]["image"]
 
 
 async def test_crud_and_yaml_specs(platform: Platform, client: aiohttp.ClientSession) -> None:
@@ -63,11 +63,11 @@ async def test_crud_and_yaml_specs(platform: Platform, client: aiohttp.ClientSes
     ) as resp:
         assert resp.status == 201
         first = await resp.json()
-    assert first["memory_mb"] == 256 and first["image_id"].startswith("sha256:")
+    assert first["memory_mb"] == 256 and first["image_digest"].startswith("sha256:")
     async with client.put(f"{platform.url}/v1/functions/{name}", json={"image": TESTFN}) as resp:
         assert resp.status == 200
         second = await resp.json()
-    assert second["revision"] > first["revision"]
+    assert second["version"] > first["version"]
     assert second["created_at"] == first["created_at"]
     async with client.get(f"{platform.url}/v1/functions") as resp:
         names = [f["name"] for f in (await resp.json())["functions"]]

@@ -12,6 +12,7 @@ import aiohttp
 from tests.integration.conftest import (
     TESTFN,
     Platform,
+    RegistryInfo,
     docker,
     managed_containers,
     running_platform,
@@ -28,9 +29,13 @@ async def wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ign
 
 
 async def test_invocation_held_by_a_killed_worker_is_completed_by_another(
-    redis_url: str, log_dir: Path, docker_engine: None, client: aiohttp.ClientSession
+    redis_url: str,
+    log_dir: Path,
+    registry: RegistryInfo,
+    pushed_images: None,
+    client: aiohttp.ClientSession,
 ) -> None:
-    async with running_platform(redis_url, log_dir, workers=1) as p:
+    async with running_platform(redis_url, log_dir, registry, workers=1) as p:
         name = unique("takeover")
         await p.deploy(client, name, timeout_s=20)
         first = p.workers[0]
@@ -145,7 +150,8 @@ async def test_every_instance_runs_in_the_sandbox(
     # The image was pinned at deploy: instances run the resolved id, not the tag.
     async with client.get(f"{platform.url}/v1/functions/{name}") as resp:
         record = await resp.json()
-    assert info["Image"] == record["image_id"]
+    assert info["Config"]["Image"] == record["image_ref"]
+    assert record["image_ref"].endswith("@" + record["image_digest"])
 
 
 async def test_worker_logs_carry_request_id_function_and_instance(

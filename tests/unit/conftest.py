@@ -1,5 +1,6 @@
-"""Fixtures of the unit tests: a container pool over an in-memory runtime, and a gateway
-over a MemoryQueue, a fake Redis and a fake image resolver."""
+"""Fixtures of the unit tests: a container pool over an in-memory runtime (with a real
+ImageStore pulling from it), and a gateway over a MemoryQueue, a fake Redis and a fake
+image resolver."""
 
 from __future__ import annotations
 
@@ -13,14 +14,18 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import build_app
+from gateway.images import ResolvedImage
 from shared.errors import InvalidSpec
+from shared.imageref import parse_image_ref
 from shared.messages import Invocation, InvocationResult
 from shared.queue.memory import MemoryQueue
-from shared.settings import GatewaySettings, Settings, WorkerSettings
+from shared.settings import GatewaySettings, RegistrySettings, Settings, WorkerSettings
 from workers.forwarder import Forwarder
+from workers.images import ImageStore
 from workers.pool import ContainerPool
 
-from .fakes import FakeForwarder, FakeRedis, FakeRuntime
+from .fakes import FakeForwarder, FakeRedis, FakeRuntime, FakeTokens, fake_digest
+from .helpers import REGISTRY
 
 INSTALLATION = "imagefn-test"
 FAST_WORKER = WorkerSettings(
@@ -30,29 +35,40 @@ FAST_WORKER = WorkerSettings(
     memory_capacity_mb=16384,
     log_tail_lines=5,
 )
+TEST_REGISTRY = RegistrySettings(address=REGISTRY, pull_timeout_s=5.0, image_cache_mb=20480)
 
 
 class PoolKit:
-    """A pool plus the fakes behind it, for one test."""
+    """A pool plus the fakes behind it, for one test. Its images come from a real
+    ImageStore that pulls from the FakeRuntime with tokens from FakeTokens."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, registry: RegistrySettings = TEST_REGISTRY):
         self.runtime = FakeRuntime()
         self.forwarder = FakeForwarder()
+        self.tokens = FakeTokens()
+        self.images = ImageStore(
+            self.runtime,
+            self.tokens.pull_token,
+            registry,
+            in_use=lambda: self.pool.images_in_use(),
+        )
         self.pool = ContainerPool(
             self.runtime,
             cast(Forwarder, self.forwarder),
             settings,
             settings.worker_id,
             INSTALLATION,
+            self.images,
         )
 
 
 @pytest.fixture
 async def make_pool() -> AsyncIterator[Callable[..., PoolKit]]:
+    """``make_pool(registry=RegistrySettings(...), **worker_settings)``."""
     kits: list[PoolKit] = []
 
-    def make(**settings: Any) -> PoolKit:
-        kit = PoolKit(WorkerSettings(**{**FAST_WORKER.__dict__, **settings}))
+    def make(registry: RegistrySettings = TEST_REGISTRY, **settings: Any) -> PoolKit:
+        kit = PoolKit(WorkerSettings(**{**FAST_WORKER.__dict__, **settings}), registry)
         kits.append(kit)
         return kit
 
@@ -77,15 +93,31 @@ WEB_SPEC = {**EVENT_SPEC, "name": "site", "type": "web"}
 
 
 class FakeImages:
+    """The gateway's image resolver without a registry: a tag resolves to the digest of
+    its current content (``push`` changes it); ``missing/...`` images do not exist."""
+
     def __init__(self) -> None:
         self.resolved: list[str] = []
         self.closed = False
+        # What the registry holds under each tag: "repo:tag" -> content name.
+        self.content: dict[str, str] = {}
 
-    async def resolve(self, ref: str) -> str:
-        self.resolved.append(ref)
-        if ref.startswith("missing/"):
-            raise InvalidSpec({"image": f"image {ref!r} does not exist"})
-        return f"sha256:{ref.replace('/', '-')}"
+    def push(self, image: str, content: str) -> None:
+        """New content under the same tag (the tag's digest changes)."""
+        self.content[image] = content
+
+    def digest(self, image: str) -> str:
+        return fake_digest(self.content.get(image, image))
+
+    def pinned(self, image: str) -> str:
+        ref = parse_image_ref(image, REGISTRY)
+        return ref.pinned(self.digest(image))
+
+    async def resolve(self, image: str) -> ResolvedImage:
+        self.resolved.append(image)
+        if image.startswith("missing/"):
+            raise InvalidSpec({"image": f"image {image!r} does not exist"})
+        return ResolvedImage(ref=self.pinned(image), digest=self.digest(image))
 
     async def close(self) -> None:
         self.closed = True

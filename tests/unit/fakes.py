@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import hashlib
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.errors import PullImageFailed
 from shared.messages import Invocation
 from workers.forwarder import Response
 from workers.runtime import ContainerConfig, ContainerState, ManagedContainer
@@ -55,9 +57,51 @@ class FakeContainer:
     conns: list[asyncio.StreamWriter] = field(default_factory=list)
 
 
+MiB = 1024 * 1024
+
+
+def fake_digest(seed: str) -> str:
+    """A well-formed sha256 digest, the same for the same seed."""
+    return "sha256:" + hashlib.sha256(seed.encode()).hexdigest()
+
+
+@dataclass
+class PullBehaviour:
+    """How the next FakeRuntime.pull behaves."""
+
+    # pull() takes this long before it finishes (a slow registry).
+    delay_s: float = 0.0
+    # pull() raises this (a factory: a fresh exception for every pull) after the delay.
+    error: Callable[[], Exception] | None = None
+    # The registry served other content: the engine ends up holding another digest of
+    # the repository, not the one asked for.
+    wrong_digest: bool = False
+    size_mb: int = 100
+    progress: list[dict[str, Any]] = field(
+        default_factory=lambda: [
+            {"status": "Pulling fs layer", "id": "layer1"},
+            {"status": "Downloading", "id": "layer1", "progress": "[=>   ] 1MB/10MB"},
+            {"status": "Pull complete", "id": "layer1"},
+        ]
+    )
+
+
+def pull_failure(reason: str = "unauthorized: authentication required") -> PullBehaviour:
+    """A pull the engine reports as failed, the way DockerRuntime maps engine errors."""
+    return PullBehaviour(error=lambda: PullImageFailed(f"cannot pull: {reason}"))
+
+
+@dataclass
+class FakeImage:
+    size_bytes: int
+    # RepoDigests, as the engine reports them (repository@sha256:...).
+    digests: list[str]
+
+
 class FakeRuntime:
     """The ContainerRuntime protocol in memory; "ready" containers are tiny TCP servers on
-    127.0.0.1 so that the pool's real readiness probe succeeds."""
+    127.0.0.1 so that the pool's real readiness probe succeeds. Images are pulled on
+    demand (instantly, unless told otherwise by ``queue_pulls`` or ``pull_default``)."""
 
     def __init__(self) -> None:
         self.containers: dict[str, FakeContainer] = {}
@@ -67,6 +111,17 @@ class FakeRuntime:
         self.removed: list[tuple[str, float]] = []
         self.deaths: asyncio.Queue[str] = asyncio.Queue()
         self.closed = False
+        # Images the engine holds, by the reference they can be found under.
+        self.images: dict[str, FakeImage] = {}
+        self.pull_default = PullBehaviour()
+        self._next_pulls: deque[PullBehaviour] = deque()
+        # Every pull asked for: (image_ref, auth).
+        self.pulls: list[tuple[str, dict[str, str]]] = []
+        self.pulls_cancelled: list[str] = []
+        self.pulls_running = 0
+        self.removed_images: list[str] = []
+        # Images remove_image refuses to delete (a container still uses them).
+        self.image_locked: set[str] = set()
 
     # -- test controls -----------------------------------------------------------------
 
@@ -84,6 +139,14 @@ class FakeRuntime:
 
     def live(self) -> list[FakeContainer]:
         return [c for c in self.containers.values() if not c.removed]
+
+    def queue_pulls(self, *behaviours: PullBehaviour) -> None:
+        """Behaviours of the next pulls, in order (then ``pull_default``)."""
+        self._next_pulls.extend(behaviours)
+
+    def add_image(self, image_ref: str, size_mb: int = 100) -> None:
+        """An image the engine already holds (pulled before, by someone)."""
+        self.images[image_ref] = FakeImage(size_mb * MiB, [image_ref])
 
     # -- the protocol --------------------------------------------------------------------
 
@@ -151,6 +214,48 @@ class FakeRuntime:
         while True:
             yield await self.deaths.get()
 
+    async def image_size(self, image_ref: str) -> int | None:
+        image = self.images.get(image_ref)
+        return None if image is None else image.size_bytes
+
+    async def image_digests(self, image_ref: str) -> list[str]:
+        image = self.images.get(image_ref)
+        return [] if image is None else list(image.digests)
+
+    async def pull(
+        self,
+        image_ref: str,
+        auth: dict[str, str],
+        progress: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.pulls.append((image_ref, dict(auth)))
+        b = self._next_pulls.popleft() if self._next_pulls else self.pull_default
+        self.pulls_running += 1
+        try:
+            if b.delay_s:
+                await asyncio.sleep(b.delay_s)
+            if b.error is not None:
+                raise b.error()
+            for event in b.progress:
+                progress(event)
+        except asyncio.CancelledError:
+            self.pulls_cancelled.append(image_ref)
+            raise
+        finally:
+            self.pulls_running -= 1
+        held = image_ref
+        if b.wrong_digest:
+            repository = image_ref.split("@", 1)[0]
+            held = f"{repository}@{fake_digest('other content of ' + image_ref)}"
+        self.images[held] = FakeImage(b.size_mb * MiB, [held])
+
+    async def remove_image(self, image_ref: str) -> bool:
+        if image_ref in self.image_locked:
+            return False
+        self.images.pop(image_ref, None)
+        self.removed_images.append(image_ref)
+        return True
+
     async def close(self) -> None:
         self.closed = True
         for c in self.containers.values():
@@ -194,8 +299,87 @@ class FakeForwarder:
         return await step(host_port, inv, timeout_s)
 
 
+class FakeTokens:
+    """The worker's pull-token source: hands out a fresh token per pull and remembers it
+    (so a test can look for it where it must never be)."""
+
+    def __init__(self) -> None:
+        self.issued: list[tuple[str, str]] = []
+        self.error: Exception | None = None
+        self.delay_s = 0.0
+        self._n = itertools.count(1)
+
+    async def pull_token(self, repository: str) -> str:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.error is not None:
+            raise self.error
+        token = f"tok-{next(self._n)}-s3cr3t-{repository.replace('/', '-')}"
+        self.issued.append((repository, token))
+        return token
+
+
+class FakePipeline:
+    """``client.pipeline(transaction=...)``: commands are queued and applied together by
+    ``execute`` (with transaction=True, all of them or, on a failure, none)."""
+
+    def __init__(self, redis: FakeRedis, transaction: bool) -> None:
+        self._redis = redis
+        self.transaction = transaction
+        self._ops: list[tuple[str, tuple[Any, ...]]] = []
+
+    async def __aenter__(self) -> FakePipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._ops.clear()
+
+    def _queue(self, name: str, *args: Any) -> FakePipeline:
+        self._ops.append((name, args))
+        return self
+
+    def hset(self, key: str, name: str, value: Any) -> FakePipeline:
+        return self._queue("hset", key, name, value)
+
+    def hdel(self, key: str, *names: str) -> FakePipeline:
+        return self._queue("hdel", key, *names)
+
+    def hget(self, key: str, name: str) -> FakePipeline:
+        return self._queue("hget", key, name)
+
+    def hincrby(self, key: str, name: str, amount: int = 1) -> FakePipeline:
+        return self._queue("hincrby", key, name, amount)
+
+    def delete(self, *keys: str) -> FakePipeline:
+        return self._queue("delete", *keys)
+
+    async def execute(self) -> list[Any]:
+        r = self._redis
+        if r.before_execute is not None:
+            await r.before_execute([name for name, _ in self._ops])
+        # A failure (connection lost, ...) applies none of the queued commands.
+        for name, _ in self._ops:
+            r._fail_if_told("execute")
+            r._fail_if_told(name)
+        ops, self._ops = self._ops, []
+        if self.transaction:
+            r.transactions.append([(name, args[0]) for name, args in ops])
+        results = []
+        for name, args in ops:
+            # None of these suspend: nothing runs between them, as with MULTI/EXEC.
+            results.append(await getattr(r, name)(*args))
+        return results
+
+
 class FakeRedis:
-    """The few commands the registry and the worker use: hashes, strings, ping."""
+    """The few commands the registry and the worker use: hashes, strings, ping, and
+    pipelines (transactional or not).
+
+    ``fail`` makes a command raise (``fail["hget"] = ConnectionError(...)``);
+    ``commands`` lists every command run, ``transactions`` every MULTI/EXEC as
+    ``[(command, key), ...]``; ``before_execute`` is awaited before a pipeline runs (to
+    interleave concurrent writers in a test).
+    """
 
     def __init__(self) -> None:
         self.hashes: dict[str, dict[str, bytes]] = {}
@@ -203,10 +387,26 @@ class FakeRedis:
         self.ttls_ms: dict[str, int] = {}
         self.ping_error: Exception | None = None
         self.closed = False
+        self.fail: dict[str, Exception] = {}
+        self.commands: list[str] = []
+        self.transactions: list[list[tuple[str, str]]] = []
+        self.before_execute: Callable[[list[str]], Awaitable[None]] | None = None
 
     @staticmethod
     def _b(value: Any) -> bytes:
         return value if isinstance(value, bytes) else str(value).encode()
+
+    def _fail_if_told(self, command: str) -> None:
+        err = self.fail.get(command)
+        if err is not None:
+            raise err
+
+    def _run(self, command: str) -> None:
+        self._fail_if_told(command)
+        self.commands.append(command)
+
+    def pipeline(self, transaction: bool = True) -> FakePipeline:
+        return FakePipeline(self, transaction)
 
     async def ping(self) -> bool:
         if self.ping_error is not None:
@@ -214,38 +414,58 @@ class FakeRedis:
         return True
 
     async def set(self, key: str, value: Any, px: int | None = None) -> bool:
+        self._run("set")
         self.strings[key] = self._b(value)
         if px is not None:
             self.ttls_ms[key] = px
         return True
 
     async def exists(self, *keys: str) -> int:
+        self._run("exists")
         return sum(1 for k in keys if k in self.strings or k in self.hashes)
 
     async def delete(self, *keys: str) -> int:
-        found = [k for k in keys if self.strings.pop(k, None) is not None]
-        return len(found)
+        self._run("delete")
+        found = 0
+        for k in keys:
+            if self.strings.pop(k, None) is not None or self.hashes.pop(k, None) is not None:
+                found += 1
+            self.ttls_ms.pop(k, None)
+        return found
 
     async def hget(self, key: str, name: str) -> bytes | None:
+        self._run("hget")
         return self.hashes.get(key, {}).get(name)
 
+    async def hexists(self, key: str, name: str) -> bool:
+        self._run("hexists")
+        return name in self.hashes.get(key, {})
+
     async def hset(self, key: str, name: str, value: Any) -> int:
+        self._run("hset")
         h = self.hashes.setdefault(key, {})
         new = name not in h
         h[name] = self._b(value)
         return int(new)
 
     async def hincrby(self, key: str, name: str, amount: int = 1) -> int:
+        self._run("hincrby")
         h = self.hashes.setdefault(key, {})
         value = int(h.get(name, b"0")) + amount
         h[name] = self._b(value)
         return value
 
     async def hgetall(self, key: str) -> dict[bytes, bytes]:
+        self._run("hgetall")
         return {k.encode(): v for k, v in self.hashes.get(key, {}).items()}
 
-    async def hdel(self, key: str, name: str) -> int:
-        return 1 if self.hashes.get(key, {}).pop(name, None) is not None else 0
+    async def hdel(self, key: str, *names: str) -> int:
+        self._run("hdel")
+        h = self.hashes.get(key, {})
+        removed = sum(1 for n in names if h.pop(n, None) is not None)
+        if key in self.hashes and not h:
+            del self.hashes[key]  # Redis drops empty hashes
+        return removed
 
     async def aclose(self) -> None:
         self.closed = True

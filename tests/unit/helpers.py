@@ -11,19 +11,35 @@ from typing import Any
 from shared.messages import Invocation
 from shared.spec import FunctionRecord, FunctionSpec
 
+from .fakes import fake_digest
+
 
 def make_spec(name: str = "fn", **kw: Any) -> FunctionSpec:
     kw.setdefault("image", "repo/fn:1")
     return FunctionSpec(name=name, **kw)
 
 
-def make_record(name: str = "fn", revision: int = 1, **spec_kw: Any) -> FunctionRecord:
+REGISTRY = "registry.test:5000"
+
+
+def digest_of(name: str, version: int) -> str:
+    """The image digest make_record pins ``name`` at ``version`` to."""
+    return fake_digest(f"{name}-{version}")
+
+
+def image_ref_of(name: str, version: int) -> str:
+    return f"{REGISTRY}/{name}@{digest_of(name, version)}"
+
+
+def make_record(name: str = "fn", version: int = 1, **spec_kw: Any) -> FunctionRecord:
+    """A published version: the image pinned by digest, one digest per (name, version)."""
     return FunctionRecord(
         spec=make_spec(name, **spec_kw),
-        image_id=f"sha256:{name}-{revision}",
-        revision=revision,
+        image_ref=image_ref_of(name, version),
+        image_digest=digest_of(name, version),
+        version=version,
         created_at=1_700_000_000.0,
-        updated_at=1_700_000_000.0 + revision,
+        updated_at=1_700_000_000.0 + version,
     )
 
 

@@ -262,9 +262,9 @@ async def test_client_commands_against_a_gateway(
     spec.write_text("name: hello\nimage: repo/hello:1\ntimeout_s: 1\ninit_timeout_s: 1\n")
     code, out, _ = await run("deploy", "-f", str(spec))
     assert code == 0
-    assert out == "created hello revision 1 (event, image repo/hello:1 = sha256:repo-hello:1)\n"
+    assert out == "created hello version 1 (event, image repo/hello:1 = sha256:repo-hello:1)\n"
     code, out, _ = await run("deploy", "-f", str(spec))
-    assert out.startswith("updated hello revision 2 ")
+    assert out.startswith("updated hello version 2 ")
 
     code, out, _ = await run("ls")
     lines = out.splitlines()

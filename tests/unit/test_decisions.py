@@ -13,7 +13,6 @@ from workers.decisions import (
     choose,
     evictable,
     idle_deadline,
-    stale_revisions,
 )
 from workers.instance import InstanceView, State
 
@@ -22,7 +21,7 @@ S = State
 
 def view(id: str, **kw: Any) -> InstanceView:
     kw.setdefault("function", "f")
-    kw.setdefault("revision", 1)
+    kw.setdefault("version", 1)
     kw.setdefault("state", S.READY)
     kw.setdefault("inflight", 0)
     kw.setdefault("last_used", 0.0)
@@ -33,7 +32,7 @@ def view(id: str, **kw: Any) -> InstanceView:
 def pick(instances: list[InstanceView], **kw: Any) -> object:
     args: dict[str, Any] = {
         "function": "f",
-        "revision": 1,
+        "version": 1,
         "memory_mb": 128,
         "max_instances": 10,
         "per_instance": 1,
@@ -81,12 +80,12 @@ def test_full_web_instance_is_skipped() -> None:
     assert pick(instances, per_instance=4) == StartInstance()
 
 
-def test_older_revision_is_not_reused() -> None:
-    assert pick([view("old", revision=1)], revision=2) == StartInstance()
+def test_older_version_is_not_reused() -> None:
+    assert pick([view("old", version=1)], version=2) == StartInstance()
 
 
-def test_newer_revision_is_not_reused_either() -> None:
-    assert pick([view("new", revision=3)], revision=2) == StartInstance()
+def test_newer_version_is_not_reused_either() -> None:
+    assert pick([view("new", version=3)], version=2) == StartInstance()
 
 
 def test_other_functions_are_not_reused() -> None:
@@ -127,9 +126,9 @@ def test_stopping_instances_do_not_count_against_max_instances() -> None:
     assert pick(instances, max_instances=1) == StartInstance()
 
 
-def test_older_revisions_count_against_max_instances() -> None:
-    instances = [view("old", revision=1, state=S.BUSY, inflight=1)]
-    assert isinstance(pick(instances, revision=2, max_instances=1), Wait)
+def test_older_versions_count_against_max_instances() -> None:
+    instances = [view("old", version=1, state=S.BUSY, inflight=1)]
+    assert isinstance(pick(instances, version=2, max_instances=1), Wait)
 
 
 def test_other_functions_do_not_count_against_max_instances() -> None:
@@ -193,33 +192,118 @@ def test_evictable() -> None:
         view("g-retiring", function="g", retiring=True),
         view("g-starting", function="g", state=S.INITIALIZING),
         view("f-idle", function="f"),
+        view("f-old-idle", function="f", version=0),
+        view("f-new-idle", function="f", version=2),
+        view("f-old-busy", function="f", version=0, state=S.BUSY, inflight=1),
+        view("f-old-retiring", function="f", version=0, retiring=True),
+        view("f-old-starting", function="f", version=0, state=S.STARTING),
     ]
-    assert [v.id for v in evictable(instances, "f")] == ["g-idle"]
+    # Other functions' idle instances, and this function's idle instances of any other
+    # version (older or newer); never its own version's, busy, starting or retiring ones.
+    assert [v.id for v in evictable(instances, "f", 1)] == ["g-idle", "f-old-idle", "f-new-idle"]
+    assert [v.id for v in evictable(instances, "f", 0)] == ["g-idle", "f-idle", "f-new-idle"]
+    assert [v.id for v in evictable(instances, "h", 1)] == [
+        "g-idle",
+        "f-idle",
+        "f-old-idle",
+        "f-new-idle",
+    ]
 
 
-def test_own_idle_older_revision_is_not_evicted_for_memory() -> None:
-    # An older revision's idle instances are retired through stale_revisions() instead
-    # (the pool does that before choosing); choose() only evicts other functions'.
-    instances = [view("f-old", revision=1, memory_mb=1024)]
-    decision = pick(instances, revision=2, memory_mb=128, memory_capacity_mb=1024)
-    assert isinstance(decision, Wait)
-    assert evictable(instances, "f") == []
+def test_own_idle_other_version_is_evicted_for_memory() -> None:
+    # Old versions are no longer retired on sight (an alias may still use them), but an
+    # idle one gives its memory up like any other function's idle instance.
+    instances = [view("f-old", version=1, memory_mb=1024)]
+    decision = pick(instances, version=2, memory_mb=128, memory_capacity_mb=1024)
+    assert decision == StartInstance(evict=("f-old",))
 
 
-def test_stale_revisions() -> None:
+def test_own_busy_other_version_is_not_evicted_for_memory() -> None:
+    instances = [view("f-old", version=1, memory_mb=1024, state=S.BUSY, inflight=1)]
+    decision = pick(instances, version=2, memory_mb=128, memory_capacity_mb=1024)
+    assert isinstance(decision, Wait) and decision.for_memory
+
+
+def test_other_versions_are_kept_while_there_is_room() -> None:
+    # Neither max_instances nor memory is short: the old version stays for its alias.
+    instances = [view("f-old", version=1)]
+    assert pick(instances, version=2, max_instances=2) == StartInstance()
+
+
+def test_at_max_instances_an_idle_other_version_gives_up_its_place() -> None:
+    instances = [view("old", version=1, last_used=5.0)]
+    assert pick(instances, version=2, max_instances=1) == StartInstance(evict=("old",))
+
+
+def test_at_max_instances_the_least_recently_used_other_version_goes() -> None:
     instances = [
-        view("old-idle", revision=1),
-        view("older-idle", revision=0),
-        view("old-busy", revision=1, state=S.BUSY, inflight=1),
-        view("old-retiring", revision=1, retiring=True),
-        view("old-starting", revision=1, state=S.STARTING),
-        view("current", revision=2),
-        view("newer", revision=3),
-        view("other-fn", function="g", revision=1),
+        view("v1-recent", version=1, last_used=9.0),
+        view("v3-lru", version=3, last_used=1.0),
+        view("v2-busy", version=2, state=S.BUSY, inflight=1, last_used=0.0),
     ]
-    assert stale_revisions(instances, "f", 2) == ["old-idle", "older-idle"]
-    assert stale_revisions(instances, "f", 1) == ["older-idle"]
-    assert stale_revisions(instances, "nobody", 5) == []
+    assert pick(instances, version=2, max_instances=3) == StartInstance(evict=("v3-lru",))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"state": S.BUSY, "inflight": 1},
+        {"state": S.STARTING},
+        {"state": S.INITIALIZING},
+    ],
+)
+def test_at_max_instances_other_versions_that_are_not_idle_make_it_wait(
+    kw: dict[str, Any],
+) -> None:
+    instances = [view("old", version=1, **kw)]
+    decision = pick(instances, version=2, max_instances=1)
+    assert isinstance(decision, Wait) and not decision.for_memory
+    assert "1 of 1" in decision.reason
+
+
+def test_at_max_instances_own_version_busy_waits_even_with_other_functions_idle() -> None:
+    instances = [
+        view("mine", version=2, state=S.BUSY, inflight=1),
+        view("g", function="g"),
+    ]
+    assert isinstance(pick(instances, version=2, max_instances=1), Wait)
+
+
+def test_replaced_instance_memory_counts_as_freed() -> None:
+    # The replaced instance's memory is enough: no other eviction.
+    instances = [
+        view("old", version=1, memory_mb=1024),
+        view("g", function="g", memory_mb=512, last_used=0.0),
+    ]
+    decision = pick(
+        instances, version=2, max_instances=1, memory_mb=1024, memory_capacity_mb=1536
+    )
+    assert decision == StartInstance(evict=("old",))
+
+
+def test_replacement_plus_memory_eviction() -> None:
+    instances = [
+        view("old", version=1, memory_mb=256, last_used=8.0),
+        view("g-lru", function="g", memory_mb=512, last_used=1.0),
+        view("h", function="h", memory_mb=256, last_used=2.0),
+    ]
+    decision = pick(instances, version=2, max_instances=1, memory_mb=768, memory_capacity_mb=1024)
+    # First the replaced instance (for max_instances), then as little as needed, LRU first.
+    assert decision == StartInstance(evict=("old", "g-lru"))
+
+
+def test_replacement_that_does_not_free_enough_memory_waits_for_memory() -> None:
+    instances = [
+        view("old", version=1, memory_mb=128),
+        view("busy", function="g", memory_mb=896, state=S.BUSY, inflight=1),
+    ]
+    decision = pick(instances, version=2, max_instances=1, memory_mb=512, memory_capacity_mb=1024)
+    assert isinstance(decision, Wait) and decision.for_memory
+
+
+def test_retiring_other_version_is_neither_counted_nor_replaced() -> None:
+    instances = [view("old", version=1, retiring=True)]
+    assert pick(instances, version=2, max_instances=1) == StartInstance()
 
 
 def test_idle_deadline() -> None:

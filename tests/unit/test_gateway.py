@@ -22,6 +22,7 @@ from shared.queue.memory import MemoryQueue
 
 from .conftest import EVENT_SPEC, GATEWAY_SETTINGS, WEB_SPEC, FakeImages, Gateway
 from .fakes import FakeRedis
+from .helpers import REGISTRY
 
 
 async def error_of(resp: Any, status: int, type_name: str) -> dict[str, Any]:
@@ -38,18 +39,21 @@ async def error_of(resp: Any, status: int, type_name: str) -> dict[str, Any]:
 # -- control API -------------------------------------------------------------------------------
 
 
-async def test_deploy_creates_then_replaces_with_a_new_revision(gw: Gateway) -> None:
+async def test_deploy_creates_then_replaces_with_a_new_version(gw: Gateway) -> None:
     resp = await gw.client.put("/v1/functions/hello", json=EVENT_SPEC)
     assert resp.status == 201
     first = await resp.json()
-    assert (first["name"], first["revision"]) == ("hello", 1)
-    assert first["image_id"] == "sha256:repo-hello:1"
+    assert (first["name"], first["version"]) == ("hello", 1)
+    # Pinned by digest in the registry; the spec keeps the tag the user gave.
+    assert first["image"] == "repo/hello:1"
+    assert first["image_digest"] == gw.images.digest("repo/hello:1")
+    assert first["image_ref"] == f"{REGISTRY}/repo/hello@{first['image_digest']}"
     assert first["memory_mb"] == 512  # defaults filled in
 
     resp = await gw.client.put("/v1/functions/hello", json={**EVENT_SPEC, "memory_mb": 256})
     assert resp.status == 200
     second = await resp.json()
-    assert second["revision"] == 2 and second["memory_mb"] == 256
+    assert second["version"] == 2 and second["memory_mb"] == 256
     assert second["created_at"] == first["created_at"]
     assert second["updated_at"] >= first["updated_at"]
 
@@ -137,7 +141,7 @@ async def test_event_invoke_round_trip(gw: Gateway) -> None:
     assert resp.headers["X-Scf-Request-Id"] == rid
     [inv] = gw.seen
     assert inv.request_id == rid
-    assert (inv.kind, inv.function, inv.record.revision) == ("event", "hello", 1)
+    assert (inv.kind, inv.function, inv.record.version) == ("event", "hello", 1)
     assert inv.reply_to == gw.queue.reply_address()
     # The caller waits for the function timeout + init timeout + grace, no longer.
     assert 0 < inv.deadline - inv.enqueued_at <= 1 + 1 + 0.5 + 0.1
@@ -276,6 +280,207 @@ async def test_web_invoke_of_an_event_function_is_refused(gw: Gateway) -> None:
     await gw.deploy(EVENT_SPEC)
     err = await error_of(await gw.client.get("/web/hello/"), 400, "InvalidRequest")
     assert "/v1/functions/hello/invoke" in err["message"]
+
+
+# -- versions and aliases ------------------------------------------------------------------
+
+
+async def versions_of(gw: Gateway, name: str) -> dict[str, Any]:
+    resp = await gw.client.get(f"/v1/functions/{name}/versions")
+    assert resp.status == 200, await resp.text()
+    found: dict[str, Any] = await resp.json()
+    return found
+
+
+async def set_alias(gw: Gateway, name: str, alias: str, version: int) -> None:
+    resp = await gw.client.put(f"/v1/functions/{name}/aliases/{alias}", json={"version": version})
+    assert resp.status == 200, await resp.text()
+    assert await resp.json() == {"function": name, "alias": alias, "version": version}
+
+
+async def invoked(gw: Gateway, name: str, qualifier: str | None = None) -> Invocation:
+    url = f"/v1/functions/{name}/invoke"
+    params = {} if qualifier is None else {"qualifier": qualifier}
+    resp = await gw.client.post(url, json={}, params=params)
+    assert resp.status == 200, await resp.text()
+    return gw.seen[-1]
+
+
+async def test_a_push_under_the_same_tag_changes_nothing_until_the_next_deploy(
+    gw: Gateway,
+) -> None:
+    v1 = await gw.deploy(EVENT_SPEC)
+    gw.images.push("repo/hello:1", "new content")
+    # Still v1's digest: the tag was resolved once, at deploy.
+    assert (await invoked(gw, "hello")).record.image_ref == v1["image_ref"]
+    v2 = await gw.deploy(EVENT_SPEC)
+    assert v2["version"] == 2 and v2["image_digest"] != v1["image_digest"]
+    assert (await invoked(gw, "hello")).record.image_ref == v2["image_ref"]
+    # Version 1 still runs what it was deployed with.
+    inv = await invoked(gw, "hello", "1")
+    assert (inv.record.version, inv.record.image_ref) == (1, v1["image_ref"])
+
+
+async def test_versions_lists_every_version_and_the_aliases(gw: Gateway) -> None:
+    v1 = await gw.deploy(EVENT_SPEC)
+    gw.images.push("repo/hello:1", "second build")
+    v2 = await gw.deploy({**EVENT_SPEC, "memory_mb": 256})
+    await set_alias(gw, "hello", "stable", 1)
+    found = await versions_of(gw, "hello")
+    assert found["latest"] == 2
+    assert found["aliases"] == {"stable": 1}
+    assert found["versions"] == [v1, v2]
+    # Each version keeps its own spec.
+    assert [v["memory_mb"] for v in found["versions"]] == [512, 256]
+
+
+async def test_versions_of_an_unknown_function_is_404(gw: Gateway) -> None:
+    err = await error_of(
+        await gw.client.get("/v1/functions/ghost/versions"), 404, "FunctionNotFound"
+    )
+    assert "ghost" in err["message"]
+
+
+async def test_alias_routes_rollback_and_invocation_through_an_alias(gw: Gateway) -> None:
+    await gw.deploy(EVENT_SPEC)
+    gw.images.push("repo/hello:1", "v2")
+    await gw.deploy(EVENT_SPEC)
+    await set_alias(gw, "hello", "prod", 2)
+    inv = await invoked(gw, "hello", "prod")
+    assert (inv.record.version, inv.version) == (2, "2")
+    # Rollback: the alias moves; this gateway sees it at once (its cache is dropped).
+    await set_alias(gw, "hello", "prod", 1)
+    inv = await invoked(gw, "hello", "prod")
+    assert (inv.record.version, inv.version) == (1, "1")
+    # $LATEST is unaffected.
+    inv = await invoked(gw, "hello")
+    assert (inv.record.version, inv.version) == (2, "$LATEST")
+
+    resp = await gw.client.delete("/v1/functions/hello/aliases/prod")
+    assert resp.status == 204
+    assert (await versions_of(gw, "hello"))["aliases"] == {}
+    err = await error_of(
+        await gw.client.post("/v1/functions/hello/invoke?qualifier=prod", json={}),
+        404,
+        "VersionNotFound",
+    )
+    assert "prod" in err["message"]
+    await error_of(
+        await gw.client.delete("/v1/functions/hello/aliases/prod"), 404, "VersionNotFound"
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"version": "1"}, {"version": True}, {"version": 0}, {"version": -1}, [1], None],
+)
+async def test_alias_body_must_name_a_version_number(gw: Gateway, body: Any) -> None:
+    await gw.deploy(EVENT_SPEC)
+    resp = await gw.client.put("/v1/functions/hello/aliases/prod", json=body)
+    err = await error_of(resp, 400, "InvalidRequest")
+    assert '{"version": N}' in err["message"]
+
+
+@pytest.mark.parametrize("alias", ["1abc", "%24LATEST", "-x", "a" * 41, "has.dot"])
+async def test_alias_names_are_checked(gw: Gateway, alias: str) -> None:
+    await gw.deploy(EVENT_SPEC)
+    resp = await gw.client.put(f"/v1/functions/hello/aliases/{alias}", json={"version": 1})
+    err = await error_of(resp, 400, "InvalidRequest")
+    assert "alias" in err["message"]
+
+
+async def test_alias_to_a_missing_version_or_function_is_404(gw: Gateway) -> None:
+    await gw.deploy(EVENT_SPEC)
+    resp = await gw.client.put("/v1/functions/hello/aliases/prod", json={"version": 9})
+    err = await error_of(resp, 404, "VersionNotFound")
+    assert "9" in err["message"]
+    resp = await gw.client.put("/v1/functions/ghost/aliases/prod", json={"version": 1})
+    await error_of(resp, 404, "FunctionNotFound")
+
+
+@pytest.mark.parametrize(
+    ("qualifier", "version", "scf_version"),
+    [("", 2, "$LATEST"), ("$LATEST", 2, "$LATEST"), ("1", 1, "1"), ("2", 2, "2")],
+)
+async def test_event_qualifier_picks_the_version_and_the_scf_version(
+    gw: Gateway, qualifier: str, version: int, scf_version: str
+) -> None:
+    await gw.deploy(EVENT_SPEC)
+    await gw.deploy(EVENT_SPEC)
+    inv = await invoked(gw, "hello", qualifier)
+    assert (inv.record.version, inv.version) == (version, scf_version)
+
+
+async def test_unknown_qualifier_is_version_not_found_unknown_function_function_not_found(
+    gw: Gateway,
+) -> None:
+    await gw.deploy(EVENT_SPEC)
+    for qualifier in ("7", "nope"):
+        resp = await gw.client.post(f"/v1/functions/hello/invoke?qualifier={qualifier}", json={})
+        err = await error_of(resp, 404, "VersionNotFound")
+        assert qualifier in err["message"]
+    for qualifier in ("1", "prod"):
+        resp = await gw.client.post(f"/v1/functions/ghost/invoke?qualifier={qualifier}", json={})
+        await error_of(resp, 404, "FunctionNotFound")
+    assert gw.seen == []
+
+
+async def test_web_qualifier_header_picks_the_version(gw: Gateway) -> None:
+    await gw.deploy(WEB_SPEC)
+    await gw.deploy({**WEB_SPEC, "memory_mb": 256})
+    await set_alias(gw, "site", "old", 1)
+    for header, version, scf_version in [
+        (None, 2, "$LATEST"),
+        ("1", 1, "1"),
+        ("old", 1, "1"),
+        ("$LATEST", 2, "$LATEST"),
+    ]:
+        headers = {} if header is None else {"X-Imagefn-Qualifier": header}
+        resp = await gw.client.get("/web/site/page", headers=headers)
+        assert resp.status == 200, await resp.text()
+        inv = gw.seen[-1]
+        assert (inv.record.version, inv.version, inv.path) == (version, scf_version, "/page")
+    resp = await gw.client.get("/web/site/", headers={"X-Imagefn-Qualifier": "9"})
+    await error_of(resp, 404, "VersionNotFound")
+
+
+async def test_delete_removes_every_version_and_alias_and_numbers_go_on(gw: Gateway) -> None:
+    await gw.deploy(EVENT_SPEC)
+    await gw.deploy(EVENT_SPEC)
+    await set_alias(gw, "hello", "prod", 1)
+    assert (await gw.client.delete("/v1/functions/hello")).status == 204
+    assert "imagefn:versions:hello" not in gw.redis.hashes
+    assert "imagefn:aliases:hello" not in gw.redis.hashes
+    await error_of(
+        await gw.client.post("/v1/functions/hello/invoke?qualifier=1", json={}),
+        404,
+        "FunctionNotFound",
+    )
+    again = await gw.deploy(EVENT_SPEC)
+    # Version numbers are never reused, and the old alias is gone.
+    assert again["version"] == 3
+    found = await versions_of(gw, "hello")
+    assert (found["latest"], found["aliases"]) == (3, {})
+    assert [v["version"] for v in found["versions"]] == [3]
+
+
+async def test_deploy_publishes_a_version_in_one_transaction(gw: Gateway) -> None:
+    await gw.deploy(EVENT_SPEC)
+    assert gw.redis.transactions == [
+        [("hset", "imagefn:versions:hello"), ("hset", "imagefn:functions")]
+    ]
+
+
+async def test_redis_failure_on_deploy_is_503_and_writes_nothing(gw: Gateway) -> None:
+    gw.redis.fail["execute"] = RedisConnectionError("Connection reset by peer")
+    resp = await gw.client.put("/v1/functions/hello", json=EVENT_SPEC)
+    err = await error_of(resp, 503, "ServiceUnavailable")
+    assert "Connection reset" in err["message"]
+    assert "imagefn:functions" not in gw.redis.hashes
+    assert "imagefn:versions:hello" not in gw.redis.hashes
+    del gw.redis.fail["execute"]
+    # The next deploy works; the lost number is simply skipped.
+    assert (await gw.deploy(EVENT_SPEC))["version"] == 2
 
 
 # -- middleware, routing, health -------------------------------------------------------------

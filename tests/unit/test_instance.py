@@ -120,11 +120,11 @@ def test_retire_is_idempotent_and_keeps_the_first_reason() -> None:
 
 
 def test_view_is_a_snapshot() -> None:
-    inst = Instance(id="i9", record=make_record("f", revision=3, memory_mb=256))
+    inst = Instance(id="i9", record=make_record("f", version=3, memory_mb=256))
     inst.transition(S.STARTING)
     inst.inflight = 2
     view = inst.view()
-    assert (view.id, view.function, view.revision) == ("i9", "f", 3)
+    assert (view.id, view.function, view.version) == ("i9", "f", 3)
     assert (view.state, view.inflight, view.memory_mb, view.retiring) == (S.STARTING, 2, 256, False)
     inst.retire("evicted")
     inst.inflight = 0

@@ -27,7 +27,7 @@ def wire(fields: dict[str, bytes]) -> dict[bytes, bytes]:
 def test_invocation_round_trip() -> None:
     inv = Invocation(
         request_id="req-1",
-        record=make_record("site", revision=4, type="web", env={"A": "1"}, command=("srv",)),
+        record=make_record("site", version=4, type="web", env={"A": "1"}, command=("srv",)),
         kind="web",
         method="PATCH",
         path="/a/b%20c",

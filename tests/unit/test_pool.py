@@ -7,10 +7,12 @@ probe (workers.probe.probe_port) runs unchanged.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 
 import pytest
+from structlog.testing import capture_logs
 
 from shared.errors import ContainerInitError, FunctionTimeout
 from shared.messages import Invocation, InvocationResult
@@ -24,9 +26,9 @@ from workers.runtime import (
     LABEL_WORKER,
 )
 
-from .conftest import INSTALLATION, PoolKit
-from .fakes import Behaviour, Step
-from .helpers import eventually, make_invocation, make_record
+from .conftest import INSTALLATION, TEST_REGISTRY, PoolKit
+from .fakes import Behaviour, PullBehaviour, Step, pull_failure
+from .helpers import eventually, image_ref_of, make_invocation, make_record
 
 COLD_TIMINGS = {"queue", "create", "start", "ready", "run"}
 
@@ -82,7 +84,7 @@ async def test_first_invoke_is_cold_then_warm_on_the_same_instance(kit: PoolKit)
 async def test_container_config_comes_from_the_record(kit: PoolKit) -> None:
     record = make_record(
         "cfg",
-        revision=3,
+        version=3,
         command=("python3",),
         args=("app.py",),
         env={"K": "v"},
@@ -92,7 +94,8 @@ async def test_container_config_comes_from_the_record(kit: PoolKit) -> None:
     result = await kit.pool.invoke(make_invocation(record))
     [c] = kit.runtime.containers.values()
     cfg = c.config
-    assert cfg.image == "sha256:cfg-3"  # the resolved image id, not the tag
+    # The version's image pinned by digest, not the tag.
+    assert cfg.image == record.image_ref == image_ref_of("cfg", 3)
     assert (cfg.command, cfg.args, cfg.env) == (("python3",), ("app.py",), {"K": "v"})
     assert (cfg.memory_mb, cfg.cpus) == (256, 0.5)
     assert cfg.labels == {
@@ -397,16 +400,73 @@ async def test_use_pushes_the_idle_deadline_back(kit: PoolKit) -> None:
     await eventually(lambda: kit.pool.instances() == [])
 
 
-async def test_redeploy_retires_the_old_idle_instance(kit: PoolKit) -> None:
-    old = await kit.pool.invoke(make_invocation(make_record("f", revision=1)))
-    new = await kit.pool.invoke(make_invocation(make_record("f", revision=2)))
+async def test_new_version_does_not_retire_the_old_versions_idle_instance(
+    kit: PoolKit,
+) -> None:
+    # An alias may still send work to the old version: its warm instance stays.
+    old = await kit.pool.invoke(make_invocation(make_record("f", version=1)))
+    new = await kit.pool.invoke(make_invocation(make_record("f", version=2)))
     assert old.error is None and new.error is None
     assert new.instance != old.instance
     assert new.cold_start
+    await asyncio.sleep(0.05)
+    assert {i.id for i in kit.pool.instances()} == {old.instance, new.instance}
+    old_c, new_c = kit.runtime.containers.values()
+    assert not old_c.removed and not new_c.removed
+    assert (old_c.config.image, new_c.config.image) == (image_ref_of("f", 1), image_ref_of("f", 2))
+    # Each version keeps running on its own warm instance.
+    again_old = await kit.pool.invoke(make_invocation(make_record("f", version=1)))
+    again_new = await kit.pool.invoke(make_invocation(make_record("f", version=2)))
+    assert (again_old.instance, again_old.cold_start) == (old.instance, False)
+    assert (again_new.instance, again_new.cold_start) == (new.instance, False)
+    assert kit.pool.images_in_use() == {image_ref_of("f", 1), image_ref_of("f", 2)}
+
+
+async def test_at_max_instances_the_idle_old_version_is_evicted_for_the_new(
+    make_pool: Callable[..., PoolKit],
+) -> None:
+    kit = make_pool(stop_timeout_s=1.0)
+    old = await kit.pool.invoke(make_invocation(make_record("f", version=1, max_instances=1)))
+    new = await kit.pool.invoke(make_invocation(make_record("f", version=2, max_instances=1)))
+    assert old.error is None and new.error is None, (old.error, new.error)
+    assert new.cold_start and new.instance != old.instance
     await eventually(lambda: [i.id for i in kit.pool.instances()] == [new.instance])
     old_c, new_c = kit.runtime.containers.values()
     assert old_c.removed and not new_c.removed
-    assert new_c.config.image == "sha256:f-2"
+    # An eviction is a graceful stop, not a kill.
+    assert kit.runtime.removed == [(old_c.id, 1.0)]
+
+
+async def test_at_max_instances_a_busy_old_version_makes_the_new_one_wait(
+    kit: PoolKit,
+) -> None:
+    gate = asyncio.Event()
+    kit.forwarder.then(gate_step(gate))
+    busy = asyncio.create_task(
+        kit.pool.invoke(make_invocation(make_record("f", version=1, max_instances=1)))
+    )
+    await eventually(lambda: len(kit.forwarder.calls) == 1)
+    waiting = asyncio.create_task(
+        kit.pool.invoke(make_invocation(make_record("f", version=2, max_instances=1)))
+    )
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and len(kit.runtime.containers) == 1
+    gate.set()
+    first, second = await asyncio.gather(busy, waiting)
+    assert first.error is None and second.error is None, (first.error, second.error)
+    # Once the old version's instance went idle it gave its place up.
+    assert second.cold_start and second.instance != first.instance
+    await eventually(lambda: [i.id for i in kit.pool.instances()] == [second.instance])
+
+
+async def test_memory_pressure_evicts_the_functions_idle_old_version(
+    make_pool: Callable[..., PoolKit],
+) -> None:
+    kit = make_pool(memory_capacity_mb=1024)
+    old = await kit.pool.invoke(make_invocation(make_record("f", version=1, memory_mb=768)))
+    new = await kit.pool.invoke(make_invocation(make_record("f", version=2, memory_mb=512)))
+    assert old.error is None and new.error is None
+    await eventually(lambda: [i.id for i in kit.pool.instances()] == [new.instance])
 
 
 async def test_memory_pressure_evicts_another_functions_idle_instance(
@@ -543,3 +603,143 @@ async def test_memory_waiter_is_woken_when_another_functions_instance_goes_idle(
     # Woken when g's instance went idle (then evicted), not at the end of its wait.
     assert result.error is None, result.error
     assert time.monotonic() - started < 2
+
+
+# -- images --------------------------------------------------------------------------------
+
+
+async def test_cold_start_pulls_the_pinned_image_and_reports_the_pull_time(
+    kit: PoolKit,
+) -> None:
+    kit.runtime.queue_pulls(PullBehaviour(delay_s=0.1))
+    record = make_record("pulled", version=2)
+    first = await kit.pool.invoke(make_invocation(record))
+    assert first.error is None, first.error
+    assert first.cold_start
+    assert {"pull", *COLD_TIMINGS} <= set(first.timings)
+    assert first.timings["pull"] >= 0.1
+    # By digest, with a token for that one repository.
+    [(pulled, auth)] = kit.runtime.pulls
+    assert pulled == record.image_ref
+    [(repository, token)] = kit.tokens.issued
+    assert repository == "pulled"
+    assert auth == {"registrytoken": token}
+    [c] = kit.runtime.containers.values()
+    assert c.config.image == record.image_ref
+
+    warm = await kit.pool.invoke(make_invocation(record))
+    assert not warm.cold_start and "pull" not in warm.timings
+    assert len(kit.runtime.pulls) == 1
+
+
+async def test_image_already_on_the_worker_is_not_pulled(kit: PoolKit) -> None:
+    record = make_record()
+    kit.runtime.add_image(record.image_ref)
+    result = await kit.pool.invoke(make_invocation(record))
+    assert result.error is None and result.cold_start
+    assert "pull" not in result.timings
+    assert kit.runtime.pulls == [] and kit.tokens.issued == []
+
+
+async def test_concurrent_cold_starts_of_one_version_pull_once(kit: PoolKit) -> None:
+    kit.runtime.queue_pulls(PullBehaviour(delay_s=0.1))
+    gate, reached = asyncio.Event(), list[int]()
+    kit.forwarder.then(*(gate_step(gate, reached) for _ in range(3)))
+    record = make_record()
+    tasks = [asyncio.create_task(kit.pool.invoke(make_invocation(record))) for _ in range(3)]
+    await eventually(lambda: len(reached) == 3)
+    gate.set()
+    results = await asyncio.gather(*tasks)
+    assert all(r.error is None and r.cold_start for r in results), [r.error for r in results]
+    assert len({r.instance for r in results}) == 3
+    assert len(kit.runtime.pulls) == 1
+    # Every one of them waited for the one pull.
+    assert all(r.timings["pull"] >= 0.09 for r in results)
+
+
+async def test_pull_failure_is_the_invocations_error_and_the_instance_is_removed(
+    kit: PoolKit,
+) -> None:
+    kit.runtime.queue_pulls(pull_failure("manifest unknown"))
+    record = make_record()
+    result = await kit.pool.invoke(make_invocation(record))
+    assert error_type(result) == "PullImageFailed"
+    assert result.status == 502
+    assert result.error is not None and result.error["code"] == 444
+    assert "manifest unknown" in result.error["message"]
+    assert not result.cold_start
+    await eventually(lambda: kit.pool.instances() == [])
+    # No container was ever created for it.
+    assert kit.runtime.containers == {} and kit.forwarder.calls == []
+    # The next invocation tries again.
+    again = await kit.pool.invoke(make_invocation(record))
+    assert again.error is None, again.error
+    assert again.cold_start and len(kit.runtime.pulls) == 2
+
+
+async def test_wrong_digest_after_the_pull_is_pull_image_failed(kit: PoolKit) -> None:
+    kit.runtime.queue_pulls(PullBehaviour(wrong_digest=True))
+    record = make_record()
+    result = await kit.pool.invoke(make_invocation(record))
+    assert error_type(result) == "PullImageFailed"
+    assert record.image_ref in result.error["message"]  # type: ignore[index]
+    await eventually(lambda: kit.pool.instances() == [])
+    assert kit.runtime.containers == {}
+
+
+async def test_slow_pull_is_pull_image_timeout(make_pool: Callable[..., PoolKit]) -> None:
+    kit = make_pool(registry=dataclasses.replace(TEST_REGISTRY, pull_timeout_s=0.1))
+    kit.runtime.queue_pulls(PullBehaviour(delay_s=5.0))
+    started = time.monotonic()
+    result = await kit.pool.invoke(make_invocation(make_record()))
+    assert time.monotonic() - started < 1.0
+    assert error_type(result) == "PullImageTimeout"
+    assert result.status == 504
+    assert result.error is not None and result.error["code"] == 447
+    await eventually(lambda: kit.pool.instances() == [])
+    assert kit.runtime.containers == {}
+    assert kit.runtime.pulls_cancelled == [make_record().image_ref]
+
+
+async def test_pull_token_is_never_logged_nor_given_to_the_function(kit: PoolKit) -> None:
+    failing = make_record("bad")
+    kit.runtime.queue_pulls(PullBehaviour(delay_s=0.01), pull_failure("denied"))
+    with capture_logs() as logs:
+        ok = await kit.pool.invoke(make_invocation(make_record("good")))
+        bad = await kit.pool.invoke(make_invocation(failing))
+    assert ok.error is None and error_type(bad) == "PullImageFailed"
+    tokens = [token for _, token in kit.tokens.issued]
+    assert len(tokens) == 2
+    events = [e["event"] for e in logs]
+    assert {"image_pull_started", "image_pulled", "instance_start_failed"} <= set(events)
+    everything = repr(logs) + repr(bad) + repr(ok)
+    everything += repr([c.config for c in kit.runtime.containers.values()])
+    for token in tokens:
+        assert token not in everything
+        assert "s3cr3t" not in everything
+
+
+async def test_images_in_use_are_those_of_live_instances(kit: PoolKit) -> None:
+    assert kit.pool.images_in_use() == set()
+    a = make_record("a", idle_ttl_s=0.2)
+    assert (await kit.pool.invoke(make_invocation(a))).error is None
+    assert kit.pool.images_in_use() == {a.image_ref}
+    await eventually(lambda: kit.pool.instances() == [])
+    assert kit.pool.images_in_use() == set()
+
+
+async def test_unused_images_are_collected_but_not_those_of_live_instances(
+    make_pool: Callable[..., PoolKit],
+) -> None:
+    kit = make_pool(registry=dataclasses.replace(TEST_REGISTRY, image_cache_mb=250))
+    a = make_record("a", idle_ttl_s=0.2)
+    b = make_record("b")
+    c = make_record("c")
+    for record in (a, b):
+        assert (await kit.pool.invoke(make_invocation(record))).error is None
+    await eventually(lambda: [i.function for i in kit.pool.instances()] == ["b"])
+    assert kit.runtime.removed_images == []  # 200 MB: within the bound
+    assert (await kit.pool.invoke(make_invocation(c))).error is None
+    # 300 MB: a's image goes (least recently used, no instance); b's is in use.
+    assert kit.runtime.removed_images == [a.image_ref]
+    assert set(kit.runtime.images) == {b.image_ref, c.image_ref}

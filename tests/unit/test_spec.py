@@ -264,8 +264,9 @@ def full_record() -> FunctionRecord:
     )
     return FunctionRecord(
         spec=spec,
-        image_id="sha256:" + "b" * 64,
-        revision=7,
+        image_ref="127.0.0.1:5000/hello@sha256:" + "b" * 64,
+        image_digest="sha256:" + "b" * 64,
+        version=7,
         created_at=1_700_000_000.25,
         updated_at=1_700_000_123.5,
     )
@@ -279,7 +280,7 @@ def test_record_json_round_trip() -> None:
 
 
 def test_record_round_trip_with_default_spec() -> None:
-    record = FunctionRecord(parse_spec(dict(MINIMAL)), "img", 1, 1.0, 2.0)
+    record = FunctionRecord(parse_spec(dict(MINIMAL)), "img@sha256:" + "0" * 64, "", 1, 1.0, 2.0)
     again = FunctionRecord.from_json(record.to_json())
     assert again == record
     assert again.spec.command is None and again.spec.args is None
@@ -287,15 +288,25 @@ def test_record_round_trip_with_default_spec() -> None:
 
 def test_record_dict_is_flat_and_json_friendly() -> None:
     d = full_record().to_dict()
-    assert d["name"] == "hello" and d["revision"] == 7
-    assert d["image_id"].startswith("sha256:")
+    assert d["name"] == "hello" and d["version"] == 7
+    assert d["image_ref"] == "127.0.0.1:5000/hello@" + d["image_digest"]
+    assert d["image_digest"] == "sha256:" + "b" * 64
     assert d["command"] == ["/bin/server"] and d["args"] == ["-p", "9000"]
     assert set(d) == set(FunctionSpec.__dataclass_fields__) | {
-        "image_id",
-        "revision",
+        "image_ref",
+        "image_digest",
+        "version",
         "created_at",
         "updated_at",
     }
+
+
+def test_record_without_image_digest_decodes_with_an_empty_one() -> None:
+    d = full_record().to_dict()
+    del d["image_digest"]
+    again = FunctionRecord.from_dict(d)
+    assert again.image_digest == ""
+    assert again.image_ref == full_record().image_ref
 
 
 def test_record_from_dict_revalidates_the_spec() -> None:
