@@ -244,3 +244,64 @@ async def test_no_credential_in_logs_or_container_environments(
         assert not JWT_RE.search(text), JWT_RE.search(text)
     # The pulls did happen with tokens: the worker logged them, without the token.
     assert any("image_pulled" in t for t in texts)
+
+
+async def test_image_for_another_platform_is_refused_at_deploy(
+    platform: Platform, registry: RegistryInfo, client: aiohttp.ClientSession
+) -> None:
+    """An image whose only manifest is for another architecture cannot run here."""
+    import hashlib
+
+    from gateway.tokens import REPOSITORY, Access
+
+    repo = f"it/{unique('arm')}"
+    token = registry.issuer.issue("it-deployer", [Access(REPOSITORY, repo, ("pull", "push"))])
+    auth = {"Authorization": f"Bearer {token.token}"}
+    base = f"http://{registry.address}/v2/{repo}"
+    config = json.dumps(
+        {"architecture": "s390x", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+    ).encode()
+    digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    async with client.post(f"{base}/blobs/uploads/", headers=auth) as resp:
+        assert resp.status == 202, await resp.text()
+        location = resp.headers["Location"]
+    sep = "&" if "?" in location else "?"
+    async with client.put(
+        f"{location}{sep}digest={digest}",
+        data=config,
+        headers={**auth, "Content-Type": "application/octet-stream"},
+    ) as resp:
+        assert resp.status == 201, await resp.text()
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "size": len(config),
+            "digest": digest,
+        },
+        "layers": [],
+    }
+    async with client.put(
+        f"{base}/manifests/v1",
+        data=json.dumps(manifest).encode(),
+        headers={**auth, "Content-Type": manifest["mediaType"]},
+    ) as resp:
+        assert resp.status == 201, await resp.text()
+    async with client.put(
+        f"{platform.url}/v1/functions/{unique('arm')}", json={"image": f"{repo}:v1"}
+    ) as resp:
+        assert resp.status == 400
+        message = (await resp.json())["error"]["fields"]["image"]
+    assert "linux/s390x" in message
+
+
+async def test_reference_to_another_registry_is_refused(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    async with client.put(
+        f"{platform.url}/v1/functions/{unique('elsewhere')}",
+        json={"image": "registry.invalid:5000/some/image:1"},
+    ) as resp:
+        assert resp.status == 400
+        assert "platform registry" in (await resp.json())["error"]["fields"]["image"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import hashlib
+import itertools
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable

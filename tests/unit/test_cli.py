@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,16 +18,19 @@ from cli.main import (
     _describe_error,
     _load_spec_file,
     build_parser,
+    cmd_alias,
     cmd_deploy,
     cmd_gateway,
     cmd_invoke,
     cmd_ls,
     cmd_rm,
     cmd_up,
+    cmd_versions,
     cmd_worker,
     main,
 )
 from shared.errors import InvalidSpec, UserProcessExited
+from shared.settings import RegistrySettings, Settings
 
 from .conftest import Gateway
 
@@ -63,8 +66,29 @@ def test_deploy_requires_a_file(capsys: pytest.CaptureFixture[str]) -> None:
 def test_invoke() -> None:
     args = build_parser().parse_args(["invoke", "hello"])
     assert (args.fn, args.name, args.data, args.verbose) == (cmd_invoke, "hello", "{}", False)
+    assert args.qualifier == ""
     args = build_parser().parse_args(["invoke", "hello", "--data", "@ev.json", "-v"])
     assert (args.data, args.verbose) == ("@ev.json", True)
+    assert build_parser().parse_args(["invoke", "hello", "-q", "prod"]).qualifier == "prod"
+    assert build_parser().parse_args(["invoke", "hello", "--qualifier", "3"]).qualifier == "3"
+
+
+def test_versions() -> None:
+    args = build_parser().parse_args(["versions", "hello"])
+    assert (args.fn, args.name) == (cmd_versions, "hello")
+
+
+def test_alias() -> None:
+    args = build_parser().parse_args(["alias", "hello", "prod", "3"])
+    assert (args.fn, args.name, args.alias, args.version, args.delete) == (
+        cmd_alias,
+        "hello",
+        "prod",
+        3,
+        False,
+    )
+    args = build_parser().parse_args(["alias", "hello", "prod", "--delete"])
+    assert (args.version, args.delete) == (None, True)
 
 
 def test_rm_and_global_options() -> None:
@@ -75,7 +99,20 @@ def test_rm_and_global_options() -> None:
     assert (args.gateway, args.timeout) == ("http://gw:1", 2.5)
 
 
-@pytest.mark.parametrize("argv", [[], ["nope"], ["rm"], ["invoke"], ["--timeout", "x", "ls"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["nope"],
+        ["rm"],
+        ["invoke"],
+        ["--timeout", "x", "ls"],
+        ["versions"],
+        ["alias", "hello"],
+        ["alias", "hello", "prod", "three"],
+        ["invoke", "hello", "-q"],
+    ],
+)
 def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(argv)
@@ -262,9 +299,47 @@ async def test_client_commands_against_a_gateway(
     spec.write_text("name: hello\nimage: repo/hello:1\ntimeout_s: 1\ninit_timeout_s: 1\n")
     code, out, _ = await run("deploy", "-f", str(spec))
     assert code == 0
-    assert out == "created hello version 1 (event, image repo/hello:1 = sha256:repo-hello:1)\n"
+    assert out == f"created hello version 1 (event): {gw.images.pinned('repo/hello:1')}\n"
+    v1_digest = gw.images.digest("repo/hello:1")
+    gw.images.push("repo/hello:1", "rebuilt")
     code, out, _ = await run("deploy", "-f", str(spec))
-    assert out.startswith("updated hello version 2 ")
+    assert out == f"updated hello version 2 (event): {gw.images.pinned('repo/hello:1')}\n"
+    v2_digest = gw.images.digest("repo/hello:1")
+
+    assert await run("alias", "hello", "prod", "1") == (0, "hello:prod -> version 1\n", "")
+    code, out, _ = await run("versions", "hello")
+    assert code == 0
+    lines = [line.split() for line in out.splitlines()]
+    assert lines[0] == ["VERSION", "CREATED", "DIGEST", "ALIASES"]
+    # CREATED is a local date and time (two words).
+    assert [(v[0], v[3], v[4]) for v in lines[1:]] == [
+        ("1", v1_digest[:19], "prod"),
+        ("2", v2_digest[:19], "$LATEST"),
+    ]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d", v[1]) for v in lines[1:])
+
+    code, out, _ = await run("invoke", "hello", "-q", "prod")
+    assert code == 0 and (gw.seen[-1].record.version, gw.seen[-1].version) == (1, "1")
+    code, out, _ = await run("invoke", "hello", "--qualifier", "2")
+    assert code == 0 and gw.seen[-1].version == "2"
+    code, out, _ = await run("invoke", "hello")
+    assert code == 0 and (gw.seen[-1].record.version, gw.seen[-1].version) == (2, "$LATEST")
+    code, _, err = await run("invoke", "hello", "-q", "nope")
+    assert code == 1 and err.startswith("imagefn: VersionNotFound: function 'hello' has no alias")
+
+    code, _, err = await run("alias", "hello", "prod", "9")
+    assert code == 1 and err.startswith("imagefn: VersionNotFound: ")
+    code, _, err = await run("alias", "hello", "prod")
+    assert code == 1 and "VERSION" in err
+    assert await run("alias", "hello", "prod", "--delete") == (
+        0,
+        "removed alias prod of hello\n",
+        "",
+    )
+    code, out, _ = await run("versions", "hello")
+    assert "prod" not in out
+    code, _, err = await run("versions", "ghost")
+    assert code == 1 and err.startswith("imagefn: FunctionNotFound: ")
 
     code, out, _ = await run("ls")
     lines = out.splitlines()
@@ -299,9 +374,115 @@ async def test_client_commands_against_a_gateway(
         "function_deployed",
         "function_deleted",
     ]
+    assert [e["event"] for e in logs if e["event"].startswith("alias_")] == [
+        "alias_set",
+        "alias_deleted",
+    ]
 
 
 @pytest.fixture
 def stack() -> Iterator[contextlib.ExitStack]:
     with contextlib.ExitStack() as s:
         yield s
+
+
+# -- deploy with `build: DIR` ------------------------------------------------------------------
+
+RunCli = Callable[..., Awaitable[tuple[int, str, str]]]
+
+
+@pytest.fixture
+def run_cli(
+    stack: contextlib.ExitStack,
+    gw: Gateway,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> RunCli:
+    monkeypatch.setenv("IMAGEFN_GATEWAY", str(gw.client.make_url("")).rstrip("/"))
+    stack.enter_context(capture_logs())
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(main, list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+async def test_deploy_builds_and_pushes_then_deploys_the_pushed_image(
+    run_cli: RunCli, gw: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[tuple[Path, str, str]] = []
+
+    def fake_build_and_push(context: Path, image: str, settings: Settings) -> str:
+        built.append((context, image, settings.registry.address))
+        return f"{settings.registry.address}/{image}"
+
+    monkeypatch.setattr("cli.images.build_and_push", fake_build_and_push)
+    monkeypatch.setenv("IMAGEFN_REGISTRY", "registry.test:5000")
+    (tmp_path / "fn").mkdir()
+    spec = tmp_path / "fn" / "function.yaml"
+    spec.write_text("name: hello\nimage: team/hello:2\nbuild: src\n")
+    code, out, err = await run_cli("deploy", "-f", str(spec))
+    assert code == 0, err
+    # The build directory is relative to the spec file.
+    assert built == [(tmp_path / "fn" / "src", "team/hello:2", "registry.test:5000")]
+    # The gateway got the pushed reference, and no `build` field.
+    assert gw.images.resolved == ["registry.test:5000/team/hello:2"]
+    rec = await (await gw.client.get("/v1/functions/hello")).json()
+    assert rec["image"] == "registry.test:5000/team/hello:2"
+    assert "build" not in rec
+    assert out.startswith("created hello version 1 (event): ")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["name: hello\nbuild: src\n", "name: hello\nimage: a:1\nbuild: [src]\n"],
+)
+async def test_build_needs_a_directory_and_an_image(
+    run_cli: RunCli, gw: Gateway, tmp_path: Path, text: str
+) -> None:
+    spec = tmp_path / "function.yaml"
+    spec.write_text(text)
+    code, _, err = await run_cli("deploy", "-f", str(spec))
+    assert code == 1
+    assert err == f"imagefn: {spec}: 'build' is a directory and needs an 'image' to push to\n"
+    assert gw.images.resolved == []
+
+
+async def test_build_failure_is_a_one_line_error_and_nothing_is_deployed(
+    run_cli: RunCli, gw: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cli.images import ImageBuildError
+
+    def failing(context: Path, image: str, settings: Settings) -> str:
+        raise ImageBuildError(f"docker build of {context} failed")
+
+    monkeypatch.setattr("cli.images.build_and_push", failing)
+    spec = tmp_path / "function.yaml"
+    spec.write_text("name: hello\nimage: team/hello:2\nbuild: .\n")
+    code, _, err = await run_cli("deploy", "-f", str(spec))
+    assert (code, err) == (1, f"imagefn: docker build of {tmp_path} failed\n")
+    assert gw.images.resolved == []
+
+
+def test_build_and_push_needs_a_dockerfile_and_the_deploy_password(tmp_path: Path) -> None:
+    from cli.images import ImageBuildError, build_and_push
+
+    settings = Settings(registry=RegistrySettings(deploy_password="pw"))
+    with pytest.raises(ImageBuildError, match="no Dockerfile in"):
+        build_and_push(tmp_path, "team/app:1", settings)
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    with pytest.raises(ImageBuildError, match="IMAGEFN_DEPLOY_PASSWORD"):
+        build_and_push(tmp_path, "team/app:1", Settings())
+
+
+def test_target_ref_is_in_the_platform_registry() -> None:
+    from cli.images import target_ref
+
+    settings = Settings(registry=RegistrySettings(address="registry.test:5000"))
+    ref = target_ref("team/app:1", settings)
+    assert (ref.registry, ref.repository, ref.tag) == ("registry.test:5000", "team/app", "1")
+    assert target_ref("other.example:1/app", settings).registry == "other.example:1"
+    with pytest.raises(InvalidSpec):
+        target_ref("Team/App", settings)

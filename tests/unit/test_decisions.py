@@ -275,9 +275,7 @@ def test_replaced_instance_memory_counts_as_freed() -> None:
         view("old", version=1, memory_mb=1024),
         view("g", function="g", memory_mb=512, last_used=0.0),
     ]
-    decision = pick(
-        instances, version=2, max_instances=1, memory_mb=1024, memory_capacity_mb=1536
-    )
+    decision = pick(instances, version=2, max_instances=1, memory_mb=1024, memory_capacity_mb=1536)
     assert decision == StartInstance(evict=("old",))
 
 

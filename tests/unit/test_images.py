@@ -106,9 +106,7 @@ async def test_concurrent_ensures_of_different_images_pull_each(kit: Kit) -> Non
 
 async def test_pull_error_is_pull_image_failed_and_a_later_ensure_retries(kit: Kit) -> None:
     kit.runtime.queue_pulls(pull_failure("unauthorized: authentication required"))
-    results = await asyncio.gather(
-        kit.store.ensure(A), kit.store.ensure(A), return_exceptions=True
-    )
+    results = await asyncio.gather(kit.store.ensure(A), kit.store.ensure(A), return_exceptions=True)
     # Both callers hear the one pull's failure.
     assert [type(r) for r in results] == [PullImageFailed, PullImageFailed]
     assert "unauthorized" in str(results[0])
@@ -468,7 +466,9 @@ def _issuer(settings: RegistrySettings) -> TokenIssuer:
 
 def _claims(token: str) -> dict[str, Any]:
     payload = token.split(".")[1]
-    claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims: dict[str, Any] = json.loads(
+        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    )
     return claims
 
 

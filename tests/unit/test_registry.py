@@ -431,18 +431,16 @@ async def test_concurrent_deploys_leave_latest_on_the_newest_version(
 ) -> None:
     # The first deploy's MULTI/EXEC reaches Redis after the second's (another connection,
     # another gateway): nothing orders them.
-    gate = asyncio.Event()
-    held: list[bool] = []
+    gate, held = asyncio.Event(), asyncio.Event()
 
     async def hold_the_first(commands: list[str]) -> None:
-        if not held:
-            held.append(True)
+        if not held.is_set():
+            held.set()
             await gate.wait()
 
     redis.before_execute = hold_the_first
     first = asyncio.create_task(publish(reg, content="one"))
-    while not held:
-        await asyncio.sleep(0)
+    await asyncio.wait_for(held.wait(), 2)
     second = await publish(reg, content="two")
     gate.set()
     assert (await first).version == 1 and second.version == 2

@@ -8,9 +8,12 @@ import pytest
 
 from shared.errors import InvalidRequest
 from shared.settings import (
+    MAX_TOKEN_TTL_S,
+    WORKER_USER,
     GatewaySettings,
     QueueSettings,
     RedisSettings,
+    RegistrySettings,
     WorkerSettings,
     load_settings,
 )
@@ -22,6 +25,7 @@ def test_empty_env_gives_the_defaults() -> None:
     assert s.redis.url == "redis://127.0.0.1:6379/0"
     assert s.queue == QueueSettings()
     assert s.gateway == GatewaySettings()
+    assert s.registry == RegistrySettings()
     assert s.log_level == "info"
     # Only the worker id is generated; every other worker setting is the default.
     assert s.worker.worker_id
@@ -148,3 +152,97 @@ def test_settings_are_frozen() -> None:
     s = load_settings({})
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.gateway.port = 1  # type: ignore[misc]
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+
+def test_registry_defaults() -> None:
+    r = load_settings({}).registry
+    assert r.address == "127.0.0.1:5000"
+    assert (r.service, r.issuer) == ("imagefn-registry", "imagefn")
+    assert 1 <= r.token_ttl_s <= MAX_TOKEN_TTL_S == 900
+    # No credential is configured unless given: those principals cannot log in.
+    assert (r.deploy_password, r.worker_secret) == ("", "")
+    assert r.deploy_user == "imagefn-deployer" != WORKER_USER
+    assert r.token_url.endswith("/v1/registry/token")
+    assert r.pull_timeout_s > 0 and r.image_cache_mb > 0
+
+
+def test_registry_overrides() -> None:
+    env = {
+        "IMAGEFN_REGISTRY": "registry.test:5000",
+        "IMAGEFN_REGISTRY_SERVICE": "svc",
+        "IMAGEFN_TOKEN_ISSUER": "iss",
+        "IMAGEFN_TOKEN_TTL_S": "900",
+        "IMAGEFN_TOKEN_KEY": "/k/token.key",
+        "IMAGEFN_TOKEN_CERT": "/k/token.crt",
+        "IMAGEFN_DEPLOY_USER": "ci",
+        "IMAGEFN_DEPLOY_PASSWORD": "dep1oy-pass",
+        "IMAGEFN_WORKER_SECRET": "w0rker-secret",
+        "IMAGEFN_TOKEN_URL": "http://gw:8080/v1/registry/token",
+        "IMAGEFN_PULL_TIMEOUT_S": "7.5",
+        "IMAGEFN_IMAGE_CACHE_MB": "512",
+    }
+    assert load_settings(env).registry == RegistrySettings(
+        address="registry.test:5000",
+        service="svc",
+        issuer="iss",
+        token_ttl_s=900,
+        signing_key="/k/token.key",
+        signing_cert="/k/token.crt",
+        deploy_user="ci",
+        deploy_password="dep1oy-pass",
+        worker_secret="w0rker-secret",
+        token_url="http://gw:8080/v1/registry/token",
+        pull_timeout_s=7.5,
+        image_cache_mb=512,
+    )
+
+
+def test_registry_empty_strings_mean_defaults() -> None:
+    names = [
+        "IMAGEFN_REGISTRY",
+        "IMAGEFN_TOKEN_TTL_S",
+        "IMAGEFN_DEPLOY_USER",
+        "IMAGEFN_DEPLOY_PASSWORD",
+        "IMAGEFN_WORKER_SECRET",
+        "IMAGEFN_PULL_TIMEOUT_S",
+        "IMAGEFN_IMAGE_CACHE_MB",
+    ]
+    assert load_settings(dict.fromkeys(names, "")).registry == RegistrySettings()
+
+
+@pytest.mark.parametrize("ttl", ["0", "-5", "901", "3600"])
+def test_token_ttl_is_bounded_to_15_minutes(ttl: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        load_settings({"IMAGEFN_TOKEN_TTL_S": ttl})
+    assert "IMAGEFN_TOKEN_TTL_S" in info.value.message and "900" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "kind"),
+    [
+        ("IMAGEFN_TOKEN_TTL_S", "5m", "integer"),
+        ("IMAGEFN_PULL_TIMEOUT_S", "slow", "number"),
+        ("IMAGEFN_IMAGE_CACHE_MB", "20G", "integer"),
+    ],
+)
+def test_bad_registry_values_name_the_variable(name: str, raw: str, kind: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        load_settings({name: raw})
+    assert name in info.value.message and kind in info.value.message
+
+
+def test_the_deployer_cannot_take_the_workers_name() -> None:
+    with pytest.raises(InvalidRequest, match="IMAGEFN_DEPLOY_USER"):
+        load_settings({"IMAGEFN_DEPLOY_USER": WORKER_USER})
+
+
+def test_credentials_are_kept_out_of_reprs() -> None:
+    s = load_settings(
+        {"IMAGEFN_DEPLOY_PASSWORD": "dep1oy-pass", "IMAGEFN_WORKER_SECRET": "w0rker-secret"}
+    )
+    for text in (repr(s), str(s), repr(s.registry)):
+        assert "dep1oy-pass" not in text and "w0rker-secret" not in text
+    assert s.registry.deploy_password == "dep1oy-pass"
