@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from shared.errors import ImagefnError
 from shared.logs import configure_logging
-from shared.settings import Settings, load_settings
+from shared.settings import DEFAULT_ENV_FILE, Settings, load_settings, read_env_file
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
 
@@ -304,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
     try:
-        settings = load_settings(os.environ)
+        # The environment wins over the credentials file deploy/setup.sh writes.
+        env_file = os.environ.get("IMAGEFN_ENV_FILE") or DEFAULT_ENV_FILE
+        settings = load_settings({**read_env_file(env_file), **os.environ})
         if args.gateway is None:
             args.gateway = os.environ.get("IMAGEFN_GATEWAY", DEFAULT_GATEWAY)
         args.fn(args, settings)

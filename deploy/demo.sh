@@ -15,11 +15,6 @@ healthy() { curl -fsS --max-time 2 "$GATEWAY/healthz" >/dev/null 2>&1; }
 ms_since() { echo $((($(date +%s%N) - $1) / 1000000)); }
 
 bash deploy/setup.sh
-# The deployer's and workers' registry credentials (generated once by deploy/registry.sh).
-set -a
-# shellcheck disable=SC1091
-. /var/lib/imagefn/credentials.env
-set +a
 
 mkdir -p "$STATE"
 if healthy; then

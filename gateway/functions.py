@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.context import IMAGES, REGISTRY
 from gateway.errors import log
-from shared.errors import InvalidRequest, InvalidSpec
+from shared.errors import ImagefnError, InvalidRequest, InvalidSpec
 from shared.spec import parse_spec
 
 routes = web.RouteTableDef()
@@ -53,6 +53,8 @@ async def put_function(request: web.Request) -> web.Response:
                 await request.app[IMAGES].resolve(image)
             except InvalidSpec as bad_image:
                 raise InvalidSpec({**bad.fields, **bad_image.fields}) from None
+            except ImagefnError:
+                pass  # the registry cannot say now; the other fields are still wrong
         raise
     image = await request.app[IMAGES].resolve(spec.image)
     record, created = await request.app[REGISTRY].put(spec, image.ref, image.digest)

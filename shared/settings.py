@@ -220,3 +220,25 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         log_level=env.get("IMAGEFN_LOG_LEVEL") or "info",
         uvloop=_bool(env, "IMAGEFN_UVLOOP", True),
     )
+
+
+# Written by deploy/registry.sh: the registry credentials and token key paths.
+DEFAULT_ENV_FILE = "/var/lib/imagefn/credentials.env"
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=VALUE lines of an env file (comments and blank lines skipped); empty when the
+    file does not exist or cannot be read (a non-root user, say)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        out[key.strip()] = value.strip().strip("'\"")
+    return out

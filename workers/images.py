@@ -85,11 +85,9 @@ class ImageStore:
     async def ensure(self, image_ref: str) -> float:
         """Make ``image_ref`` (repository@sha256:...) present; returns seconds spent pulling
         (0 when it already was). Concurrent callers for one digest share one pull."""
-        entry = self._cached.get(image_ref)
-        if entry is not None:
-            entry.last_used = time.monotonic()
-        if await self._runtime.image_size(image_ref) is not None:
-            self._touch(image_ref)
+        size = await self._runtime.image_size(image_ref)
+        if size is not None:
+            self._touch(image_ref, size)
             return 0.0
         started = time.monotonic()
         task = self._pulls.get(image_ref)

@@ -213,6 +213,8 @@ def platform_env(redis_url: str, prefix: str, registry: RegistryInfo) -> dict[st
     """Settings with short timings so takeover and clean-up tests finish in seconds."""
     return {
         **registry.env,
+        # Only what the test sets: not the machine's own credentials file.
+        "IMAGEFN_ENV_FILE": "/nonexistent",
         "IMAGEFN_REDIS_URL": redis_url,
         "IMAGEFN_PREFIX": prefix,
         "IMAGEFN_RECLAIM_IDLE_MS": "3000",
