@@ -11,11 +11,21 @@ One run, one machine, three measurements (see bench/README.md):
    create+start, with a minimal config and with the platform's own sandbox config),
    each polled with ``POST /event-invoke`` until the first 200; rounds alternate;
 3. saturation throughput with C concurrent clients: gateway vs direct, for a function
-   with several instances and like-for-like with one instance.
+   with several instances and like-for-like with one instance;
+4. cold start including the image pull (issue 3): each round a new image (the bench
+   image + a unique ENV and a small random layer), pushed to the registry and removed
+   locally, then the first invoke through the gateway (the worker pulls by digest) vs
+   ``docker pull REPO@DIGEST`` + ``docker run`` (CLI) and vs an Engine API pull + create
+   + start, each polled with ``POST /event-invoke`` until the first 200.
 
-The script starts its own platform (``imagefn up``) on a free port under a unique Redis
-prefix and worker id, and removes everything it created (functions, containers, Redis
-keys under its prefix) at the end. All traffic goes to 127.0.0.1.
+Function images live in the platform registry. The script starts its own: signing keys
+in a temporary directory, a token-auth ``docker-registry`` on a free port whose realm is
+the bench platform's own gateway token route, then ``imagefn up`` on a free port under a
+unique Redis prefix and worker id, with the registry settings in its environment. It
+pushes the bench image as the deployer and deploys functions by repository name. At the
+end it removes everything it created: functions, containers, the images it tagged or
+pulled, the registry process and its directory (keys, storage, the throwaway Docker CLI
+config), and the Redis keys under its prefix. All traffic goes to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -50,6 +60,13 @@ import redis.asyncio as aioredis
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from tests.integration.registry_support import (  # noqa: E402
+    make_token_keys,
+    start_registry,
+    stop_registry,
+    write_registry_config,
+)
 
 DEFAULT_IMAGE = "imagefn-examples/hello-event:latest"
 BODY = b'{"name":"bench"}'
@@ -146,8 +163,10 @@ def machine_info() -> dict[str, Any]:
             text=True,
             timeout=10,
         ).stdout.splitlines()
-        info["code"] = f"commit {head}" + (
-            f" + {len(dirty)} uncommitted modified file(s)" if dirty else ""
+        info["code"] = (
+            f"commit {head}" + (f" + {len(dirty)} uncommitted modified file(s)" if dirty else "")
+            if head
+            else f"unknown: {REPO} is not a git checkout (see --code)"
         )
     except (OSError, subprocess.TimeoutExpired):
         info["code"] = "unknown"
@@ -218,6 +237,15 @@ class CpuWindow:
         }
 
 
+async def sample_load(machine: dict[str, Any]) -> None:
+    """Record the highest 1-minute load average seen (every 2 s) in ``machine``."""
+    while True:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            one = float(Path("/proc/loadavg").read_text().split()[0])  # noqa: ASYNC240
+            machine["loadavg_1m_peak"] = max(machine.get("loadavg_1m_peak", 0.0), one)
+        await asyncio.sleep(2)
+
+
 # -- the platform under test -----------------------------------------------------------------
 
 
@@ -282,8 +310,9 @@ class Platform:
                 await r.aclose()
         return len(owners)
 
-    async def start(self) -> None:
+    async def start(self, extra_env: dict[str, str] | None = None) -> None:
         env = dict(os.environ)
+        env.update(extra_env or {})
         env.update(
             {
                 "IMAGEFN_GATEWAY_PORT": str(self.port),
@@ -339,6 +368,118 @@ class Platform:
         return self.proc.pid if self.proc is not None else 0
 
 
+class BenchRegistry:
+    """A token-auth ``docker-registry`` of this run, whose realm is the bench platform's
+    own gateway token route (as in tests/integration/conftest.py, but with the whole
+    platform as the token service). Keys, storage, the registry log, image build
+    contexts and a throwaway Docker CLI config all live in one temporary directory,
+    removed by ``cleanup``."""
+
+    SERVICE = "imagefn-bench-registry"
+    ISSUER = "imagefn-bench"
+    DEPLOY_USER = "imagefn-deployer"
+
+    def __init__(self, gateway_port: int) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="imagefn-bench-registry-"))
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.token_url = f"http://127.0.0.1:{gateway_port}/v1/registry/token"
+        # Random per run, never printed; the platform gets them through its environment.
+        self._deploy_password = uuid.uuid4().hex
+        self._worker_secret = uuid.uuid4().hex
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.docker_config: Path | None = None  # DOCKER_CONFIG for `docker pull` (CLI)
+
+    def start(self) -> None:
+        # Once, before any measurement: the blocking waits are harmless here.
+        key, cert = make_token_keys(self.dir / "auth")
+        config = write_registry_config(
+            self.dir, self.port, self.token_url, self.SERVICE, self.ISSUER, cert,
+            self.dir / "data",
+        )  # fmt: skip
+        self._key, self._cert = key, cert
+        self.proc = start_registry(config, self.port)
+
+    def env(self) -> dict[str, str]:
+        """The platform's registry settings (see platform_env in the integration conftest)."""
+        return {
+            "IMAGEFN_REGISTRY": self.address,
+            "IMAGEFN_REGISTRY_SERVICE": self.SERVICE,
+            "IMAGEFN_TOKEN_ISSUER": self.ISSUER,
+            "IMAGEFN_TOKEN_KEY": str(self._key),
+            "IMAGEFN_TOKEN_CERT": str(self._cert),
+            "IMAGEFN_DEPLOY_USER": self.DEPLOY_USER,
+            "IMAGEFN_DEPLOY_PASSWORD": self._deploy_password,
+            "IMAGEFN_WORKER_SECRET": self._worker_secret,
+            "IMAGEFN_TOKEN_URL": self.token_url,
+        }
+
+    def deployer_auth(self) -> dict[str, str]:
+        """X-Registry-Auth for the engine: it does the token dance with the gateway."""
+        return {
+            "username": self.DEPLOY_USER,
+            "password": self._deploy_password,
+            "serveraddress": self.address,
+        }
+
+    async def docker_login(self) -> None:
+        """``docker login`` as the deployer into a throwaway DOCKER_CONFIG inside our
+        temporary directory (never ~/.docker), for the CLI ``docker pull`` variant."""
+        cfg = self.dir / "docker-config"
+        cfg.mkdir(mode=0o700)
+        proc = await asyncio.create_subprocess_exec(
+            "docker", "login", "--username", self.DEPLOY_USER, "--password-stdin", self.address,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ, "DOCKER_CONFIG": str(cfg)},
+        )  # fmt: skip
+        _, err = await proc.communicate(self._deploy_password.encode())
+        if proc.returncode != 0:
+            raise RuntimeError(f"docker login failed: {err.decode(errors='replace')[-500:]}")
+        self.docker_config = cfg
+
+    async def push(self, docker: aiodocker.Docker, local: str, repository: str, tag: str) -> str:
+        """Tag ``local`` as REGISTRY/repository:tag and push it as the deployer; returns the
+        manifest digest the engine reports."""
+        target = f"{self.address}/{repository}"
+        await docker.images.tag(local, target, tag=tag)
+        digest = ""
+        async for event in docker.images.push(
+            target, tag=tag, auth=self.deployer_auth(), stream=True
+        ):
+            if "error" in event:
+                raise RuntimeError(f"push {target}:{tag}: {event['error']}")
+            aux = event.get("aux") or {}
+            if isinstance(aux, dict) and aux.get("Digest"):
+                digest = str(aux["Digest"])
+        if not digest.startswith("sha256:"):
+            raise RuntimeError(f"push {target}:{tag}: the engine reported no digest")
+        return digest
+
+    async def remove_images(self, docker: aiodocker.Docker) -> int:
+        """Remove every local reference to this registry (tags we made, images pulled by
+        digest). The port is this run's own, so no one else's image is touched; an image
+        that also has another name (the bench image itself) is only untagged."""
+        removed = 0
+        prefix = self.address + "/"
+        with contextlib.suppress(aiodocker.exceptions.DockerError):
+            for img in await docker.images.list(all=True):
+                refs = [
+                    r
+                    for r in (img.get("RepoTags") or []) + (img.get("RepoDigests") or [])
+                    if r.startswith(prefix)
+                ]
+                for ref in refs:
+                    with contextlib.suppress(aiodocker.exceptions.DockerError):
+                        await docker.images.delete(ref)
+                        removed += 1
+        return removed
+
+    def cleanup(self) -> None:
+        if self.proc is not None:
+            stop_registry(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def fn_spec(name: str, image: str, **kw: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "name": name,
@@ -363,13 +504,16 @@ class Control:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
         self.deployed: set[str] = set()
 
-    async def deploy(self, spec: dict[str, Any]) -> None:
+    async def deploy(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """PUT the function; returns its record (version, image_ref pinned by digest)."""
         name = spec["name"]
         async with self.session.put(f"{self.plat.url}/v1/functions/{name}", json=spec) as r:
             text = await r.text()
             if r.status not in (200, 201):
                 raise RuntimeError(f"deploy {name}: HTTP {r.status}: {text}")
         self.deployed.add(name)
+        record: dict[str, Any] = json.loads(text)
+        return record
 
     async def delete(self, name: str) -> None:
         async with self.session.delete(f"{self.plat.url}/v1/functions/{name}") as r:
@@ -574,11 +718,50 @@ async def poll_until_200(port: int, deadline: float) -> int:
             await asyncio.sleep(0.005)
 
 
+async def wait_instances_gone(ctl: Control, docker: aiodocker.Docker, name: str) -> None:
+    """Wait (bounded) until the function's containers are gone, after it was deleted."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        left = await docker.containers.list(
+            all=True,
+            filters=json.dumps(
+                {"label": [f"{WORKER_LABEL}={ctl.plat.worker_id}", f"{FUNCTION_LABEL}={name}"]}
+            ),
+        )
+        if not left:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def timed_cold_invoke(ctl: Control, docker: aiodocker.Docker, name: str) -> dict[str, Any]:
+    """The first invoke of a just-deployed function, timed to its 200; then (untimed)
+    delete the function and wait for its instance to be removed."""
+    t0 = time.perf_counter_ns()
+    status, headers, body = await ctl.invoke(name)
+    ms = (time.perf_counter_ns() - t0) / 1e6
+    cold = headers.get("X-Imagefn-Cold-Start") == "true"
+    phases = parse_server_timing(headers.get("Server-Timing", ""))
+    error = ""
+    if status != 200:
+        # A failed cold start is a finding, not a reason to stop: count it, report it.
+        error = f"HTTP {status}: {body[:400].decode(errors='replace')}"
+        log(f"cold invoke {name} failed after {ms:.0f} ms: {error}")
+    # Clean up outside the timing: delete the function and wait for its instance to
+    # reach its 1 s idle TTL and be removed, so it does not run into the next round.
+    await ctl.delete(name)
+    await wait_instances_gone(ctl, docker, name)
+    out = {"ms": ms, "ok": not error, "cold_start_header": cold, "phases_ms": phases}
+    if error:
+        out["error"] = error
+    return out
+
+
 class ColdBench:
-    def __init__(self, ctl: Control, docker: aiodocker.Docker, image: str) -> None:
+    def __init__(self, ctl: Control, docker: aiodocker.Docker, image: str, fn_image: str) -> None:
         self.ctl = ctl
         self.docker = docker
-        self.image = image
+        self.image = image  # the local name, for the bare containers
+        self.fn_image = fn_image  # the same image in the platform registry, for deploys
         self.run_label = ctl.plat.tag
         self.bare_ids: set[str] = set()
         self.sandbox_config: Callable[[str], dict[str, Any]] | None = None
@@ -614,44 +797,13 @@ class ColdBench:
         return v
 
     async def run(self, variant: str, rnd: int) -> dict[str, Any]:
-        return await getattr(self, f"_{variant}")(rnd)
+        out: dict[str, Any] = await getattr(self, f"_{variant}")(rnd)
+        return out
 
     async def _gateway(self, rnd: int) -> dict[str, Any]:
         name = f"b{self.ctl.plat.tag}-cold{rnd}"
-        await self.ctl.deploy(fn_spec(name, self.image, idle_ttl_s=1, max_instances=1))
-        t0 = time.perf_counter_ns()
-        status, headers, body = await self.ctl.invoke(name)
-        ms = (time.perf_counter_ns() - t0) / 1e6
-        cold = headers.get("X-Imagefn-Cold-Start") == "true"
-        phases = parse_server_timing(headers.get("Server-Timing", ""))
-        error = ""
-        if status != 200:
-            # A failed cold start is a finding, not a reason to stop: count it, report it.
-            error = f"HTTP {status}: {body[:400].decode(errors='replace')}"
-            log(f"cold invoke {name} failed after {ms:.0f} ms: {error}")
-        # Clean up outside the timing: delete the function and wait for its instance to
-        # reach its 1 s idle TTL and be removed, so it does not run into the next round.
-        await self.ctl.delete(name)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            left = await self.docker.containers.list(
-                all=True,
-                filters=json.dumps(
-                    {
-                        "label": [
-                            f"{WORKER_LABEL}={self.ctl.plat.worker_id}",
-                            f"{FUNCTION_LABEL}={name}",
-                        ]
-                    }
-                ),
-            )
-            if not left:
-                break
-            await asyncio.sleep(0.1)
-        out = {"ms": ms, "ok": not error, "cold_start_header": cold, "phases_ms": phases}
-        if error:
-            out["error"] = error
-        return out
+        await self.ctl.deploy(fn_spec(name, self.fn_image, idle_ttl_s=1, max_instances=1))
+        return await timed_cold_invoke(self.ctl, self.docker, name)
 
     async def _remove(self, cid: str) -> None:
         with contextlib.suppress(aiodocker.exceptions.DockerError):
@@ -731,9 +883,14 @@ class ColdBench:
 
 
 async def bench_cold(
-    ctl: Control, docker: aiodocker.Docker, image: str, rounds: int, warmup_rounds: int
+    ctl: Control,
+    docker: aiodocker.Docker,
+    image: str,
+    fn_image: str,
+    rounds: int,
+    warmup_rounds: int,
 ) -> dict[str, Any]:
-    cb = ColdBench(ctl, docker, image)
+    cb = ColdBench(ctl, docker, image, fn_image)
     variants = cb.variants()
     samples: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     try:
@@ -783,6 +940,10 @@ async def bench_cold(
         if v == "gateway":
             out["variants"][v]["not_cold"] = sum(
                 1 for s in ss if s["ok"] and not s.get("cold_start_header")
+            )
+            # The image is present on the worker: no round should report a pull.
+            out["variants"][v]["rounds_with_pull"] = sum(
+                1 for s in good if "pull" in s.get("phases_ms", {})
             )
     gw = out["variants"]["gateway"]["ms"]
     for v in variants[1:]:
@@ -950,6 +1111,296 @@ async def bench_throughput(
     return out
 
 
+# -- 4. cold start including the image pull (issue 3) ---------------------------------------
+
+PULL_VARIANTS = ("gateway_pull", "cli_pull_run", "api_pull_run")
+MiB = 1024 * 1024
+
+
+async def run_cmd(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    out, err = await proc.communicate()
+    return int(proc.returncode or 0), out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def forget_image(docker: aiodocker.Docker, *refs: str, strict: bool = True) -> None:
+    """``docker rmi`` each reference, then check that none is left on the engine (so the
+    next start must pull). With ``strict=False`` (clean-up after a round) only log."""
+    for ref in refs:
+        with contextlib.suppress(aiodocker.exceptions.DockerError):
+            await docker.images.delete(ref)
+    for ref in refs:
+        try:
+            await docker.images.inspect(ref)
+        except aiodocker.exceptions.DockerError as e:
+            if e.status == 404:
+                continue
+            raise
+        msg = f"{ref} is still present on the engine after rmi"
+        if strict:
+            raise RuntimeError(msg)
+        log(msg)
+
+
+class PullBench:
+    """Cold start when the image is not on the machine. Every round and variant gets an
+    image of its own: FROM the bench image + ENV BENCH_ROUND + a file of random bytes (a
+    real, incompressible layer), built, pushed, and removed locally before the timing.
+    The bench image's own layers stay present, as they would on a worker that runs other
+    functions built on the same base."""
+
+    def __init__(
+        self,
+        ctl: Control,
+        docker: aiodocker.Docker,
+        reg: BenchRegistry,
+        base_image: str,
+        layer_mb: float,
+    ) -> None:
+        self.ctl = ctl
+        self.docker = docker
+        self.reg = reg
+        self.base_image = base_image
+        self.layer_bytes = int(layer_mb * MiB)
+        self.run_label = ctl.plat.tag
+        self.repos = {v: f"bench-{self.run_label}/{v.replace('_', '-')}" for v in PULL_VARIANTS}
+        self.bare_ids: set[str] = set()
+
+    async def prepare(self, variant: str, rnd: int) -> dict[str, Any]:
+        """Build, push (and for the gateway variant deploy), then rmi: all untimed."""
+        repo, tag = self.repos[variant], f"r{rnd}"
+        local = f"{self.reg.address}/{repo}:{tag}"
+        ctx = self.reg.dir / "build"
+        ctx.mkdir(exist_ok=True)
+        # Small files, written once per round before any timing.
+        (ctx / "Dockerfile").write_text(
+            f"FROM {self.base_image}\n"
+            f"ENV BENCH_ROUND={self.run_label}-{variant}-{rnd}\n"
+            "COPY blob /bench-blob\n"
+        )
+        (ctx / "blob").write_bytes(os.urandom(self.layer_bytes))
+        rc, _, err = await run_cmd("docker", "build", "-q", "-t", local, str(ctx))
+        if rc != 0:
+            raise RuntimeError(f"docker build {local}: {err[-500:]}")
+        digest = await self.reg.push(self.docker, local, repo, tag)
+        pinned = f"{self.reg.address}/{repo}@{digest}"
+        prep: dict[str, Any] = {"local": local, "pinned": pinned}
+        if variant == "gateway_pull":
+            name = f"b{self.run_label}-pull{rnd}"
+            record = await self.ctl.deploy(
+                fn_spec(name, f"{repo}:{tag}", idle_ttl_s=1, max_instances=1)
+            )
+            if record.get("image_ref") != pinned:
+                raise RuntimeError(f"deploy pinned {record.get('image_ref')}, pushed {pinned}")
+            prep["function"] = name
+        await forget_image(self.docker, local, pinned)
+        return prep
+
+    async def run(self, variant: str, prep: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = await getattr(self, f"_{variant}")(prep)
+        return out
+
+    async def _gateway_pull(self, prep: dict[str, Any]) -> dict[str, Any]:
+        out = await timed_cold_invoke(self.ctl, self.docker, prep["function"])
+        out["pulled"] = "pull" in out["phases_ms"]
+        await forget_image(self.docker, prep["pinned"], strict=False)
+        return out
+
+    async def _remove(self, cid: str) -> None:
+        with contextlib.suppress(aiodocker.exceptions.DockerError):
+            await self.docker.containers.container(cid).delete(force=True)
+        self.bare_ids.discard(cid)
+
+    async def _cli_pull_run(self, prep: dict[str, Any]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        ref = prep["pinned"]
+        assert self.reg.docker_config is not None
+        pull_env = {**os.environ, "DOCKER_CONFIG": str(self.reg.docker_config)}
+        t0 = time.perf_counter_ns()
+        rc, _, err = await run_cmd("docker", "pull", ref, env=pull_env)
+        if rc != 0:
+            raise RuntimeError(f"docker pull failed: {err[-400:]}")
+        t1 = time.perf_counter_ns()
+        rc, out, err = await run_cmd(
+            "docker", "run", "-d", "--label", f"{BENCH_LABEL}={self.run_label}",
+            "-p", "127.0.0.1::9000", ref,
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"docker run failed: {err[-400:]}")
+        cid = out.strip()
+        self.bare_ids.add(cid)
+        t2 = time.perf_counter_ns()
+        try:
+            port = await container_port(self.docker, cid)
+            attempts = await poll_until_200(port, loop.time() + 30)
+            t3 = time.perf_counter_ns()
+        finally:
+            await self._remove(cid)
+            await forget_image(self.docker, ref, strict=False)
+        return {
+            "ms": (t3 - t0) / 1e6,
+            "phases_ms": {
+                "docker_pull": (t1 - t0) / 1e6,
+                "docker_run": (t2 - t1) / 1e6,
+                "ready": (t3 - t2) / 1e6,
+            },
+            "attempts": attempts,
+        }
+
+    async def _api_pull_run(self, prep: dict[str, Any]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        ref = prep["pinned"]
+        t0 = time.perf_counter_ns()
+        async for event in self.docker.images.pull(ref, auth=self.reg.deployer_auth(), stream=True):
+            if "error" in event:
+                raise RuntimeError(f"pull {ref}: {event['error']}")
+        t1 = time.perf_counter_ns()
+        config = {
+            "Image": ref,
+            "Labels": {BENCH_LABEL: self.run_label},
+            "ExposedPorts": {"9000/tcp": {}},
+            "HostConfig": {"PortBindings": {"9000/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]}},
+        }
+        c = await self.docker.containers.create(config)
+        self.bare_ids.add(c.id)
+        t2 = time.perf_counter_ns()
+        try:
+            await c.start()
+            t3 = time.perf_counter_ns()
+            port = await container_port(self.docker, c.id)
+            attempts = await poll_until_200(port, loop.time() + 30)
+            t4 = time.perf_counter_ns()
+        finally:
+            await self._remove(c.id)
+            await forget_image(self.docker, ref, strict=False)
+        return {
+            "ms": (t4 - t0) / 1e6,
+            "phases_ms": {
+                "pull": (t1 - t0) / 1e6,
+                "create": (t2 - t1) / 1e6,
+                "start": (t3 - t2) / 1e6,
+                "ready": (t4 - t3) / 1e6,
+            },
+            "attempts": attempts,
+        }
+
+    async def cleanup(self) -> None:
+        for cid in list(self.bare_ids):
+            await self._remove(cid)
+        with contextlib.suppress(aiodocker.exceptions.DockerError):
+            for c in await self.docker.containers.list(
+                all=True, filters=json.dumps({"label": [f"{BENCH_LABEL}={self.run_label}"]})
+            ):
+                await self._remove(c.id)
+        shutil.rmtree(self.reg.dir / "build", ignore_errors=True)
+
+
+async def bench_pull(
+    ctl: Control,
+    docker: aiodocker.Docker,
+    reg: BenchRegistry,
+    base_image: str,
+    rounds: int,
+    warmup_rounds: int,
+    layer_mb: float,
+) -> dict[str, Any]:
+    pb = PullBench(ctl, docker, reg, base_image, layer_mb)
+    variants = list(PULL_VARIANTS)
+    samples: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    prep_s: list[float] = []
+    try:
+        with CpuWindow(ctl.plat.pid) as cpu:
+            for rnd in range(warmup_rounds + rounds):
+                # Prepare the round's three images first (untimed), then measure them in
+                # an order rotated every round.
+                t_prep = time.monotonic()
+                preps: dict[str, dict[str, Any] | Exception] = {}
+                for v in variants:
+                    try:
+                        preps[v] = await pb.prepare(v, rnd)
+                    except Exception as e:
+                        log(f"pull {v} round {rnd}: preparation failed: {e}")
+                        preps[v] = e
+                prep_s.append(time.monotonic() - t_prep)
+                await asyncio.sleep(0.5)  # let dockerd finish the removals
+                k = rnd % len(variants)
+                order = variants[k:] + variants[:k]
+                this_round: dict[str, dict[str, Any]] = {}
+                for v in order:
+                    prep = preps[v]
+                    try:
+                        if isinstance(prep, Exception):
+                            raise prep
+                        res = await pb.run(v, prep)
+                    except Exception as e:
+                        log(f"pull {v} round {rnd} failed: {e}")
+                        res = {"ms": float("nan"), "ok": False, "error": str(e)[:400]}
+                    res.setdefault("ok", True)
+                    res["round"] = rnd
+                    this_round[v] = res
+                    await asyncio.sleep(0.2)
+                    if rnd >= warmup_rounds:
+                        samples[v].append(res)
+                log(
+                    f"pull round {rnd + 1}/{warmup_rounds + rounds}"
+                    + (" (warm-up, not counted)" if rnd < warmup_rounds else "")
+                    + f" (prepared in {prep_s[-1]:.1f} s): "
+                    + ", ".join(
+                        f"{v} {r['ms']:.0f} ms"
+                        + ("" if r["ok"] else " FAILED")
+                        + (
+                            f" (pull {r['phases_ms'].get('pull', float('nan')):.0f})"
+                            if v == "gateway_pull" and r["ok"]
+                            else ""
+                        )
+                        for v, r in this_round.items()
+                    )
+                )
+    finally:
+        await pb.cleanup()
+    out: dict[str, Any] = {
+        "rounds": rounds,
+        "layer_mb": layer_mb,
+        "variants": {},
+        "cpu": cpu.result,
+        "prepare_s_p50": pct(prep_s, 50),
+    }
+    for v, ss in samples.items():
+        good = [x for x in ss if x["ok"]]
+        phases: dict[str, list[float]] = {}
+        for x in good:
+            for k2, val in x.get("phases_ms", {}).items():
+                phases.setdefault(k2, []).append(val)
+        out["variants"][v] = {
+            "ms": summary([x["ms"] for x in good]),
+            "failures": len(ss) - len(good),
+            "failure_messages": [x.get("error", "") for x in ss if not x["ok"]],
+            "phases_p50_ms": {k2: pct(val, 50) for k2, val in phases.items()},
+            "phases_p90_ms": {k2: pct(val, 90) for k2, val in phases.items()},
+            "raw": ss,
+        }
+    gw = out["variants"]["gateway_pull"]
+    gw["rounds_without_pull"] = sum(
+        1 for x in samples["gateway_pull"] if x["ok"] and not x["pulled"]
+    )
+    gw["not_cold"] = sum(
+        1 for x in samples["gateway_pull"] if x["ok"] and not x.get("cold_start_header")
+    )
+    by_round = {x["round"]: x for x in samples["gateway_pull"] if x["ok"]}
+    for v in variants[1:]:
+        b = out["variants"][v]
+        b["ratio_gateway_over_this_p50"] = gw["ms"]["p50"] / b["ms"]["p50"]
+        b["ratio_gateway_over_this_p90"] = gw["ms"]["p90"] / b["ms"]["p90"]
+        # Each round's pair was measured seconds apart: the median of the per-round ratios
+        # is less exposed to load that drifts over the run.
+        paired = [by_round[x["round"]]["ms"] / x["ms"] for x in samples[v]
+                  if x["ok"] and x["round"] in by_round]  # fmt: skip
+        b["ratio_paired_median"] = pct(paired, 50)
+    return out
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
@@ -965,14 +1416,24 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
         f" kernel {machine['kernel']}, Docker {machine['docker']}, Python {machine['python']},"
         f" aiohttp {machine['aiohttp']}"
     )
-    L.append(f"- load average at start: {' '.join(machine.get('loadavg_at_start', []))}")
+    L.append(
+        f"- load average (1, 5, 15 min) at start: {' '.join(machine.get('loadavg_at_start', []))};"
+        f" at end: {' '.join(machine.get('loadavg_at_end', []))};"
+        f" highest 1-min value sampled every 2 s during the run:"
+        f" {machine.get('loadavg_1m_peak', '?')}"
+    )
     L.append(f"- code under test: {machine.get('code', 'unknown')}")
     L.append(f"- command: `{cmd}`")
-    L.append(f"- image: `{res['image']}`; platform log level: {res['log_level']}\n")
+    L.append(
+        f"- image: `{res['image']}`, pushed to the run's own token-auth registry as"
+        f" `{res.get('fn_image', '?')}` and deployed by that name (pinned to its digest);"
+        f" platform log level: {res['log_level']}\n"
+    )
 
     w = res.get("warm")
     c = res.get("cold")
     t = res.get("throughput")
+    pl = res.get("pull")
     L.append("## Summary\n")
     L.append(
         "| # | Measurement (what exactly) | imagefn gateway | bare / direct"
@@ -1006,7 +1467,8 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
             target = "<= 1.15 x bare" if v != "engine_api_sandbox" else "(diagnostic)"
             vd = verdict(r50 <= 1.15) if v != "engine_api_sandbox" else "-"
             L.append(
-                f"| 2{'abc'[i]} | cold start to first 200, median (p90), {c['rounds']} rounds;"
+                f"| 2{'abc'[i]} | cold start to first 200, image present, median (p90),"
+                f" {c['rounds']} rounds;"
                 f" bare = {label}, polled with POST /event-invoke every 5 ms;"
                 f" failed rounds: gateway {c['variants']['gateway']['failures']},"
                 f" bare {b['failures']}"
@@ -1034,6 +1496,25 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
             f" inv/s | {rows['direct_single_c1']['rps']:.0f} req/s"
             f" | x{t['ratio_single_vs_c1']:.2f} | (none) | - |"
         )
+    if pl:
+        gv = pl["variants"]["gateway_pull"]
+        names = {
+            "cli_pull_run": "`docker pull REPO@DIGEST` + `docker run -d -p 127.0.0.1::9000` (CLI)",
+            "api_pull_run": "Engine API pull (X-Registry-Auth) + create + start",
+        }
+        for i, (v, label) in enumerate(names.items()):
+            b = pl["variants"][v]
+            r50 = b["ratio_gateway_over_this_p50"]
+            L.append(
+                f"| 4{'ab'[i]} | cold start INCLUDING the pull of a new {pl['layer_mb']:g} MB"
+                f" layer, to first 200, median (p90), {pl['rounds']} rounds; bare = {label};"
+                f" failed rounds: gateway {gv['failures']}, bare {b['failures']}"
+                f" | {gv['ms']['p50']:.0f} ({gv['ms']['p90']:.0f}) ms"
+                f" | {b['ms']['p50']:.0f} ({b['ms']['p90']:.0f}) ms"
+                f" | x{r50:.3f} (p90 x{b['ratio_gateway_over_this_p90']:.2f};"
+                f" paired x{b['ratio_paired_median']:.2f})"
+                f" | <= 1.15 x bare (the cold-start target) | {verdict(r50 <= 1.15)} |"
+            )
     L.append("")
 
     if w:
@@ -1070,11 +1551,13 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
                 f" | {s['max']:.1f} | {ph} |"
             )
         nc = c["variants"]["gateway"].get("not_cold", 0)
+        wp = c["variants"]["gateway"].get("rounds_with_pull", 0)
         for v, d in c["variants"].items():
             for msg in d["failure_messages"]:
                 L.append(f"- {v} failure: `{msg[:300]}`")
         L.append(
-            f"\nGateway rounds not reported as cold (X-Imagefn-Cold-Start != true): {nc}."
+            f"\nGateway rounds not reported as cold (X-Imagefn-Cold-Start != true): {nc};"
+            f" rounds whose Server-Timing shows a pull (there should be none): {wp}."
             " Gateway phases come from its Server-Timing header; the bare phases are measured"
             " by this script.\n"
         )
@@ -1096,6 +1579,31 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
                 f" | {r['platform_cores']:.2f} |"
             )
         L.append("")
+    if pl:
+        L.append("## 4. Cold start including the pull, detail (ms)\n")
+        L.append("| variant | n ok | failed | p50 | p90 | min | max | phases p50 (p90) |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for v, d in pl["variants"].items():
+            s_ = d["ms"]
+            ph = ", ".join(
+                f"{k} {x:.1f} ({d['phases_p90_ms'][k]:.1f})" for k, x in d["phases_p50_ms"].items()
+            )
+            L.append(
+                f"| {v} | {s_['n']} | {d['failures']} | {s_['p50']:.1f} | {s_['p90']:.1f}"
+                f" | {s_['min']:.1f} | {s_['max']:.1f} | {ph} |"
+            )
+        for v, d in pl["variants"].items():
+            for msg in d["failure_messages"]:
+                L.append(f"- {v} failure: `{msg[:300]}`")
+        g = pl["variants"]["gateway_pull"]
+        L.append(
+            f"\nGateway rounds without a `pull` phase (there should be none):"
+            f" {g['rounds_without_pull']}; not reported as cold: {g['not_cold']}."
+            f" Preparing a round (3 builds, pushes, 1 deploy, rmi; untimed) took"
+            f" {pl['prepare_s_p50']:.1f} s (p50). CPU during the part: machine"
+            f" {pl['cpu']['machine_busy_cores']:.2f} cores busy, platform"
+            f" {pl['cpu']['platform_cores']:.2f}.\n"
+        )
     return "\n".join(L)
 
 
@@ -1111,7 +1619,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=32, help="concurrent clients for part 3")
     p.add_argument("--instances", type=int, default=4, help="max_instances for part 3")
     p.add_argument("--platform-log-level", default="info", help="IMAGEFN_LOG_LEVEL of the platform")
-    p.add_argument("--only", default="warm,cold,throughput", help="parts to run (comma separated)")
+    p.add_argument(
+        "--only", default="warm,cold,throughput,pull", help="parts to run (comma separated)"
+    )
+    p.add_argument(
+        "--code",
+        metavar="TEXT",
+        help="describe the code under test in the report (e.g. when running from an export)",
+    )
+    p.add_argument(
+        "--pull-layer-mb",
+        type=float,
+        default=2.0,
+        help="size of the random layer each pull-round image adds to the bench image",
+    )
     p.add_argument(
         "--profile-platform",
         metavar="FILE",
@@ -1122,10 +1643,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.quick:
         a.blocks, a.block_size, a.warmup = 4, 100, 50
         a.cold_rounds, a.cold_warmup = 3, 1
+        a.pull_rounds, a.pull_warmup = 2, 1
         a.duration = 2.0
     else:
         a.blocks, a.block_size, a.warmup = 10, 200, 200
         a.cold_rounds, a.cold_warmup = 12, 1
+        a.pull_rounds, a.pull_warmup = 10, 1
         a.duration = 10.0
     a.parts = {x.strip() for x in a.only.split(",") if x.strip()}
     return a
@@ -1133,6 +1656,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def amain(a: argparse.Namespace) -> int:
     machine = machine_info()
+    if a.code:
+        machine["code"] = a.code
     cmd = " ".join([Path(sys.executable).name, *sys.argv])
     print("# imagefn foundation benchmark\n", flush=True)
     print(
@@ -1145,25 +1670,41 @@ async def amain(a: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="imagefn-bench-"))
     plat = Platform(a.redis_url, a.platform_log_level, workdir, a.profile_platform)
     docker = aiodocker.Docker()
-    res: dict[str, Any] = {"image": a.image, "log_level": a.platform_log_level, "quick": a.quick}
+    reg = BenchRegistry(plat.port)
+    # The bench image, in the registry under a repository of this run.
+    fn_image = f"bench-{plat.tag}/{a.image.rsplit('/', 1)[-1].split(':')[0]}:latest"
+    res: dict[str, Any] = {
+        "image": a.image,
+        "fn_image": fn_image,
+        "log_level": a.platform_log_level,
+        "quick": a.quick,
+    }
     ctl: Control | None = None
     rc = 0
     budget_s = 75 if a.quick else 270
+    if "pull" in a.parts:
+        budget_s += (a.pull_rounds + a.pull_warmup) * 30
+    load_task = asyncio.create_task(sample_load(machine))
     try:
         await docker.images.inspect(a.image)  # fail early, before starting anything
         guarded = await plat.guard_other_installations(docker)
+        reg.start()
         log(
-            f"starting imagefn up on {plat.url} (prefix {plat.prefix}, worker {plat.worker_id});"
+            f"registry on {reg.address} (token realm {reg.token_url}, directory {reg.dir});"
+            f" starting imagefn up on {plat.url} (prefix {plat.prefix}, worker {plat.worker_id});"
             f" guarded {guarded} other worker(s)' containers from our janitor; log {plat.log_path}"
         )
-        await plat.start()
+        await plat.start(reg.env())
         ctl = Control(plat)
+        repository, _, tag = fn_image.partition(":")
+        digest = await reg.push(docker, a.image, repository, tag)
+        log(f"pushed {a.image} as {reg.address}/{fn_image} ({digest})")
         async with asyncio.timeout(budget_s):
             warm_fn = f"b{plat.tag}-warm"
             if "warm" in a.parts or "throughput" in a.parts:
                 log(f"1. warm latency: {a.blocks} blocks of {a.block_size} per path")
                 res["warm"] = await bench_warm(
-                    ctl, docker, a.image, a.blocks, a.block_size, a.warmup
+                    ctl, docker, fn_image, a.blocks, a.block_size, a.warmup
                 )
                 w = res["warm"]
                 log(
@@ -1174,11 +1715,22 @@ async def amain(a: argparse.Namespace) -> int:
                     del res["warm"]
             if "cold" in a.parts:
                 log(f"2. cold start: {a.cold_rounds} rounds (+{a.cold_warmup} warm-up)")
-                res["cold"] = await bench_cold(ctl, docker, a.image, a.cold_rounds, a.cold_warmup)
+                res["cold"] = await bench_cold(
+                    ctl, docker, a.image, fn_image, a.cold_rounds, a.cold_warmup
+                )
             if "throughput" in a.parts:
                 log(f"3. throughput: {a.clients} clients, {a.duration:g} s per row")
                 res["throughput"] = await bench_throughput(
-                    ctl, docker, a.image, warm_fn, a.clients, a.duration, a.instances
+                    ctl, docker, fn_image, warm_fn, a.clients, a.duration, a.instances
+                )
+            if "pull" in a.parts:
+                log(
+                    f"4. cold start with pull: {a.pull_rounds} rounds (+{a.pull_warmup} warm-up),"
+                    f" {a.pull_layer_mb:g} MB layer"
+                )
+                await reg.docker_login()
+                res["pull"] = await bench_pull(
+                    ctl, docker, reg, a.image, a.pull_rounds, a.pull_warmup, a.pull_layer_mb
                 )
     except TimeoutError:
         log(f"time budget of {budget_s} s exceeded; reporting what was measured")
@@ -1203,7 +1755,11 @@ async def amain(a: argparse.Namespace) -> int:
                         await c.delete(force=True)
         if leftovers:
             log(f"removed {leftovers} leftover container(s)")
+        images = await reg.remove_images(docker)
+        reg.cleanup()
+        log(f"registry stopped; removed {images} image reference(s) to it and {reg.dir}")
         await docker.close()
+        load_task.cancel()
         with contextlib.suppress(Exception):
             r = aioredis.Redis.from_url(a.redis_url)
             keys = [k async for k in r.scan_iter(match=f"{plat.prefix}:*", count=1000)]

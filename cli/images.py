@@ -9,6 +9,7 @@ engine does the registry's token dance itself, and no credential is written to d
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -35,12 +36,12 @@ async def _build_and_push(context: Path, ref: ImageRef, settings: Settings) -> N
         print(f"==> building {name}:{tag} from {context}", file=sys.stderr)
         # The docker CLI shows build progress best and reads .dockerignore; it needs no
         # credential (base images are local).
+        # Build on the same engine the push talks to.
+        env = dict(os.environ)
+        if settings.worker.docker_url:
+            env["DOCKER_HOST"] = settings.worker.docker_url
         proc = await asyncio.create_subprocess_exec(
-            "docker",
-            "build",
-            "-t",
-            f"{name}:{tag}",
-            str(context),
+            "docker", "build", "-t", f"{name}:{tag}", str(context), env=env
         )
         if await proc.wait() != 0:
             raise ImageBuildError(f"docker build of {context} failed")

@@ -204,7 +204,7 @@ def cmd_ls(args: argparse.Namespace, settings: Settings) -> None:
     if not fns:
         print("no functions deployed")
         return
-    rows = [("NAME", "TYPE", "REV", "IMAGE", "MEMORY", "TIMEOUT")] + [
+    rows = [("NAME", "TYPE", "VERSION", "IMAGE", "MEMORY", "TIMEOUT")] + [
         (
             f["name"],
             f["type"],

@@ -67,11 +67,14 @@ echo
 step "imagefn ls"
 "$IMAGEFN" ls
 
+step "imagefn versions hello-event   # each deploy publishes an immutable version pinned by digest"
+"$IMAGEFN" versions hello-event
+
 cat <<MSG
 
 ==> imagefn is running at $GATEWAY
     platform log:   $STATE/up.log
-    CLI:            $IMAGEFN --help   (deploy, invoke, ls, rm)
+    CLI:            $IMAGEFN --help   (deploy, invoke, ls, versions, alias, rm)
     stop it:        deploy/stop.sh
     read next:      docs/user-guide.md, examples/README.md
 MSG

@@ -90,8 +90,10 @@ class RegistryImageResolver:
         )
         if status == 404:
             raise InvalidSpec(
-                {"image": f"{image!r} is not in the registry ({ref.repository}:{ref.reference} "
-                 "not found); push it first"}
+                {
+                    "image": f"{image!r} is not in the registry ({ref.repository}:{ref.reference} "
+                    "not found); push it first"
+                }
             )
         if status != 200:
             raise ServiceUnavailable(f"registry answered HTTP {status} for {image!r}")

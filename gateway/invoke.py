@@ -31,7 +31,14 @@ def _scf_version(qualifier: str, record: FunctionRecord) -> str:
 
 def _wait_s(request: web.Request, record: FunctionRecord) -> float:
     spec = record.spec
-    return spec.timeout_s + spec.init_timeout_s + request.app[SETTINGS].gateway.result_grace_s
+    settings = request.app[SETTINGS]
+    # A cold start may first pull the image, then start it, then run the function.
+    return (
+        spec.timeout_s
+        + spec.init_timeout_s
+        + settings.registry.pull_timeout_s
+        + settings.gateway.result_grace_s
+    )
 
 
 async def _call(request: web.Request, inv: Invocation, wait_s: float) -> InvocationResult:

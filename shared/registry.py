@@ -120,11 +120,11 @@ class FunctionRegistry:
                     raise VersionNotFound(f"function {name!r} has no alias {qualifier!r}")
                 version = _text(target)
             raw = await self._r.hget(self._keys.versions(name), version)
+            if raw is None:
+                await self._require_function(name)
+                raise VersionNotFound(f"function {name!r} has no version {version}")
         except RedisError as e:
             raise _unavailable(e) from e
-        if raw is None:
-            await self._require_function(name)
-            raise VersionNotFound(f"function {name!r} has no version {version}")
         return FunctionRecord.from_json(raw)
 
     async def _require_function(self, name: str) -> None:
@@ -173,6 +173,8 @@ class FunctionRegistry:
     async def delete_alias(self, name: str, alias: str) -> None:
         try:
             removed = await self._r.hdel(self._keys.aliases(name), alias)
+            if not removed:
+                await self._require_function(name)
         except RedisError as e:
             raise _unavailable(e) from e
         self._forget(name)

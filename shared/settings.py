@@ -46,7 +46,8 @@ class GatewaySettings:
     # How long a gateway may serve a function record from memory; a deploy or delete made
     # through another gateway takes effect here within this time. 0 disables the cache.
     function_cache_s: float = 1.0
-    # Whether deploy checks that the image exists in the local Docker engine.
+    # Whether deploy resolves images in the platform registry (off only in unit tests:
+    # any reference is then accepted as is).
     check_images: bool = True
 
 

@@ -10,6 +10,7 @@ that pull only, and dropped: it is never logged, written to disk or put in a con
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,13 +20,12 @@ import structlog
 
 from shared.errors import ImagefnError, PullImageFailed, PullImageTimeout
 from shared.imageref import parse_image_ref
-from shared.settings import RegistrySettings
+from shared.settings import WORKER_USER, RegistrySettings
 from workers.runtime import ContainerRuntime
 
 log = structlog.get_logger("imagefn.images")
 
 MiB = 1024 * 1024
-WORKER_USER = "imagefn-worker"
 TOKEN_TIMEOUT_S = 10.0
 
 
@@ -38,12 +38,12 @@ class TokenSource:
 
     async def pull_token(self, repository: str) -> str:
         params = {"service": self._s.service, "scope": f"repository:{repository}:pull"}
-        auth = aiohttp.BasicAuth(WORKER_USER, self._s.worker_secret)
+        basic = base64.b64encode(f"{WORKER_USER}:{self._s.worker_secret}".encode()).decode()
         try:
             async with self._session.get(
                 self._s.token_url,
                 params=params,
-                auth=auth,
+                headers={"Authorization": f"Basic {basic}"},
                 timeout=aiohttp.ClientTimeout(total=TOKEN_TIMEOUT_S),
             ) as resp:
                 if resp.status != 200:
@@ -81,6 +81,8 @@ class ImageStore:
         self._in_use = in_use
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self._cached: dict[str, _Cached] = {}
+        # Two pulls finishing together must not both collect (and both remove) one image.
+        self._gc_lock = asyncio.Lock()
 
     async def ensure(self, image_ref: str) -> float:
         """Make ``image_ref`` (repository@sha256:...) present; returns seconds spent pulling
@@ -138,11 +140,19 @@ class ImageStore:
             seconds=round(time.monotonic() - started, 3),
             size_mb=round(size / MiB, 1),
         )
-        await self.collect_garbage()
+        try:
+            await self.collect_garbage()
+        except Exception:
+            # The pull succeeded; a failed clean-up must not fail the invocation.
+            log.exception("image_collection_failed")
 
     async def collect_garbage(self) -> list[str]:
-        """Remove least recently used images this store pulled, not used by any instance,
-        until they fit in ``image_cache_mb``."""
+        """Remove least recently used function images (pulled or found present), not used
+        by any instance, until they fit in ``image_cache_mb``."""
+        async with self._gc_lock:
+            return await self._collect()
+
+    async def _collect(self) -> list[str]:
         limit = self._s.image_cache_mb * MiB
         total = sum(c.size_bytes for c in self._cached.values())
         if total <= limit:
@@ -157,7 +167,7 @@ class ImageStore:
             if await self._runtime.remove_image(ref):
                 total -= entry.size_bytes
                 removed.append(ref)
-                del self._cached[ref]
+                self._cached.pop(ref, None)
                 log.info("image_collected", image=ref, size_mb=round(entry.size_bytes / MiB, 1))
         return removed
 

@@ -151,7 +151,11 @@ class ContainerPool:
 
     async def _run(self, inst: Instance, inv: Invocation) -> Response:
         remaining = inv.deadline - time.time() if inv.deadline else inst.record.spec.timeout_s
-        timeout_s = max(0.001, min(inst.record.spec.timeout_s, remaining))
+        if remaining <= 0:
+            # The caller gave up while the instance started (a long pull, say). The
+            # instance is healthy: keep it warm for the next call instead of killing it.
+            raise FunctionTimeout("the caller's deadline passed before the function could run")
+        timeout_s = min(inst.record.spec.timeout_s, remaining)
         inst.invocations += 1
         try:
             return await self._forwarder.send(inst.host_port, inv, timeout_s)

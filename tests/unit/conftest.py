@@ -86,7 +86,8 @@ async def kit(make_pool: Callable[..., PoolKit]) -> PoolKit:
 # -- gateway ---------------------------------------------------------------------------
 
 GATEWAY_SETTINGS = Settings(
-    gateway=GatewaySettings(max_body_bytes=4096, result_grace_s=0.5, check_images=False)
+    gateway=GatewaySettings(max_body_bytes=4096, result_grace_s=0.5, check_images=False),
+    registry=RegistrySettings(pull_timeout_s=2.0),
 )
 EVENT_SPEC = {"name": "hello", "image": "repo/hello:1", "timeout_s": 1, "init_timeout_s": 1}
 WEB_SPEC = {**EVENT_SPEC, "name": "site", "type": "web"}

@@ -34,6 +34,13 @@ from shared.settings import RegistrySettings, Settings
 
 from .conftest import Gateway
 
+
+@pytest.fixture(autouse=True)
+def no_credentials_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # main() reads the credentials file deploy/setup.sh writes: never this machine's here.
+    monkeypatch.setenv("IMAGEFN_ENV_FILE", str(tmp_path / "absent.env"))
+
+
 # -- the parser ------------------------------------------------------------------------------
 
 
@@ -267,6 +274,22 @@ def test_main_reports_bad_settings(
     assert "IMAGEFN_GATEWAY_PORT" in capsys.readouterr().err
 
 
+def test_main_reads_the_credentials_file_and_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .fakes import closed_port
+
+    env_file = tmp_path / "credentials.env"
+    env_file.write_text("# written by deploy/registry.sh\nIMAGEFN_GATEWAY_PORT=eighty\n")
+    monkeypatch.setenv("IMAGEFN_ENV_FILE", str(env_file))
+    url = f"http://127.0.0.1:{closed_port()}"
+    assert main(["--gateway", url, "ls"]) == 1
+    assert "IMAGEFN_GATEWAY_PORT='eighty'" in capsys.readouterr().err
+    monkeypatch.setenv("IMAGEFN_GATEWAY_PORT", "8080")
+    assert main(["--gateway", url, "--timeout", "2", "ls"]) == 1
+    assert capsys.readouterr().err.startswith(f"imagefn: cannot reach the gateway at {url}")
+
+
 def test_unreachable_gateway(capsys: pytest.CaptureFixture[str]) -> None:
     from .fakes import closed_port
 
@@ -309,14 +332,14 @@ async def test_client_commands_against_a_gateway(
     assert await run("alias", "hello", "prod", "1") == (0, "hello:prod -> version 1\n", "")
     code, out, _ = await run("versions", "hello")
     assert code == 0
-    lines = [line.split() for line in out.splitlines()]
-    assert lines[0] == ["VERSION", "CREATED", "DIGEST", "ALIASES"]
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["VERSION", "CREATED", "DIGEST", "ALIASES"]
     # CREATED is a local date and time (two words).
-    assert [(v[0], v[3], v[4]) for v in lines[1:]] == [
+    assert [(v[0], v[3], v[4]) for v in rows[1:]] == [
         ("1", v1_digest[:19], "prod"),
         ("2", v2_digest[:19], "$LATEST"),
     ]
-    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d", v[1]) for v in lines[1:])
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d", v[1]) for v in rows[1:])
 
     code, out, _ = await run("invoke", "hello", "-q", "prod")
     assert code == 0 and (gw.seen[-1].record.version, gw.seen[-1].version) == (1, "1")
@@ -343,7 +366,7 @@ async def test_client_commands_against_a_gateway(
 
     code, out, _ = await run("ls")
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "TYPE", "REV", "IMAGE", "MEMORY", "TIMEOUT"]
+    assert lines[0].split() == ["NAME", "TYPE", "VERSION", "IMAGE", "MEMORY", "TIMEOUT"]
     assert lines[1].split() == ["hello", "event", "2", "repo/hello:1", "512MB", "1s"]
 
     event = tmp_path / "event.json"
@@ -433,6 +456,28 @@ async def test_deploy_builds_and_pushes_then_deploys_the_pushed_image(
     assert rec["image"] == "registry.test:5000/team/hello:2"
     assert "build" not in rec
     assert out.startswith("created hello version 1 (event): ")
+
+
+async def test_deploy_takes_the_registry_credentials_from_the_credentials_file(
+    run_cli: RunCli, gw: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[RegistrySettings] = []
+
+    def fake_build_and_push(context: Path, image: str, settings: Settings) -> str:
+        seen.append(settings.registry)
+        return f"{settings.registry.address}/{image}"
+
+    monkeypatch.setattr("cli.images.build_and_push", fake_build_and_push)
+    env_file = tmp_path / "credentials.env"
+    env_file.write_text("IMAGEFN_DEPLOY_PASSWORD='from-file'\nIMAGEFN_REGISTRY=file.test:5000\n")
+    monkeypatch.setenv("IMAGEFN_ENV_FILE", str(env_file))
+    monkeypatch.setenv("IMAGEFN_REGISTRY", "env.test:5000")
+    spec = tmp_path / "function.yaml"
+    spec.write_text("name: hello\nimage: team/hello:2\nbuild: .\n")
+    code, _, err = await run_cli("deploy", "-f", str(spec))
+    assert code == 0, err
+    [registry] = seen
+    assert (registry.deploy_password, registry.address) == ("from-file", "env.test:5000")
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.app import build_app
 from gateway.errors import error_response, http_exception_to_error
-from shared.errors import FunctionTimeout, UserProcessExited
+from gateway.images import ResolvedImage
+from shared.errors import FunctionTimeout, ServiceUnavailable, UserProcessExited
 from shared.messages import Invocation, InvocationResult
 from shared.queue.memory import MemoryQueue
 
@@ -86,6 +87,22 @@ async def test_unresolvable_image_alone_is_an_invalid_spec(gw: Gateway) -> None:
     assert list(err["fields"]) == ["image"]
 
 
+async def test_registry_outage_does_not_hide_the_other_bad_fields(gw: Gateway) -> None:
+    async def outage(image: str) -> ResolvedImage:
+        raise ServiceUnavailable("registry 127.0.0.1:5000 unreachable: connection refused")
+
+    gw.images.resolve = outage  # type: ignore[method-assign]
+    resp = await gw.client.put("/v1/functions/bad", json={"image": "repo/x:1", "memory_mb": 1})
+    err = await error_of(resp, 400, "InvalidSpec")
+    assert list(err["fields"]) == ["memory_mb"]
+    # A good spec hears about the outage itself.
+    err = await error_of(
+        await gw.client.put("/v1/functions/hello", json=EVENT_SPEC), 503, "ServiceUnavailable"
+    )
+    assert "unreachable" in err["message"]
+    assert gw.redis.hashes.get("imagefn:functions", {}) == {}
+
+
 async def test_name_must_match_the_url(gw: Gateway) -> None:
     resp = await gw.client.put("/v1/functions/hello", json={**EVENT_SPEC, "name": "other"})
     err = await error_of(resp, 400, "InvalidSpec")
@@ -143,8 +160,8 @@ async def test_event_invoke_round_trip(gw: Gateway) -> None:
     assert inv.request_id == rid
     assert (inv.kind, inv.function, inv.record.version) == ("event", "hello", 1)
     assert inv.reply_to == gw.queue.reply_address()
-    # The caller waits for the function timeout + init timeout + grace, no longer.
-    assert 0 < inv.deadline - inv.enqueued_at <= 1 + 1 + 0.5 + 0.1
+    # The caller waits for the function timeout + init timeout + pull timeout + grace.
+    assert 0 < inv.deadline - inv.enqueued_at <= 1 + 1 + 2 + 0.5 + 0.1
 
 
 async def test_empty_event_body_becomes_an_empty_object(gw: Gateway) -> None:
@@ -213,7 +230,7 @@ async def test_no_result_in_time_is_function_timeout(
         resp = await c.post("/v1/functions/hello/invoke", json={})
         err = await error_of(resp, 504, "FunctionTimeout")
         assert "is a worker running" in err["message"]
-        assert queue.asked == pytest.approx(2.5)
+        assert queue.asked == pytest.approx(4.5)
 
 
 # -- web invocation ------------------------------------------------------------------------------
@@ -558,7 +575,7 @@ async def test_openapi_document_is_served(gw: Gateway) -> None:
 
 
 async def test_unexpected_exception_is_an_internal_error_without_details(gw: Gateway) -> None:
-    async def boom(ref: str) -> str:
+    async def boom(image: str) -> ResolvedImage:
         raise RuntimeError("secret internals")
 
     gw.images.resolve = boom  # type: ignore[method-assign]

@@ -296,27 +296,16 @@ async def test_a_collected_image_is_pulled_again_when_needed(
     assert [r for r, _ in kit.runtime.pulls] == [A, B, A]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ensure() records an image it finds already present (e.g. pulled before "
-    "the worker restarted) with size 0, so it never counts towards image_cache_mb",
-)
 async def test_images_found_on_the_worker_count_towards_the_bound(
     make_store: Callable[..., Kit],
 ) -> None:
     kit = make_store(image_cache_mb=250)
-    kit.runtime.add_image(A, size_mb=200)
+    kit.runtime.add_image(A, size_mb=200)  # pulled before the worker restarted, say
     assert await kit.store.ensure(A) == 0.0
     await kit.store.ensure(B)  # 300 MB on disk now
     assert kit.runtime.removed_images == [A]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: two collections running at once (two pulls finishing together) both "
-    "remove the same image; the second `del self._cached[ref]` raises KeyError and "
-    "fails a pull that succeeded",
-)
 async def test_concurrent_collections_do_not_fail_the_pulls(
     make_store: Callable[..., Kit],
 ) -> None:
@@ -336,11 +325,6 @@ async def test_concurrent_collections_do_not_fail_the_pulls(
     assert kit.runtime.removed_images == [A]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an error while collecting garbage after a successful pull fails the pull "
-    "(and the invocation waiting for it)",
-)
 async def test_a_collection_error_does_not_fail_the_pull(make_store: Callable[..., Kit]) -> None:
     kit = make_store(image_cache_mb=150)
     await kit.store.ensure(A)

@@ -231,11 +231,6 @@ async def test_delete_alias(reg: FunctionRegistry) -> None:
     assert (await reg.resolve("fn", "1")).version == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: delete_alias of an unknown function says VersionNotFound ('has no alias'); "
-    "every other call says FunctionNotFound",
-)
 async def test_delete_alias_of_an_unknown_function_is_function_not_found(
     reg: FunctionRegistry,
 ) -> None:
@@ -407,11 +402,6 @@ async def test_redis_errors_are_service_unavailable(
         await call(reg)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: FunctionRegistry._load calls _require_function outside its try when a "
-    "version is missing, so a Redis error there escapes as a raw RedisError (HTTP 500)",
-)
 async def test_redis_error_while_checking_a_missing_version_is_service_unavailable(
     reg: FunctionRegistry, redis: FakeRedis
 ) -> None:
@@ -423,8 +413,9 @@ async def test_redis_error_while_checking_a_missing_version_is_service_unavailab
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: two deploys of one function at once can leave $LATEST on the older "
-    "version (the version number is taken before, and the $LATEST write is unconditional)",
+    reason="KNOWN: the version number is taken before the MULTI and $LATEST is written "
+    "unconditionally; two concurrent deploys of one function can leave $LATEST on the "
+    "older version (fix: one Lua script that sets $LATEST only if newer)",
 )
 async def test_concurrent_deploys_leave_latest_on_the_newest_version(
     reg: FunctionRegistry, redis: FakeRedis

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from shared.settings import (
     RegistrySettings,
     WorkerSettings,
     load_settings,
+    read_env_file,
 )
 
 
@@ -246,3 +248,37 @@ def test_credentials_are_kept_out_of_reprs() -> None:
     for text in (repr(s), str(s), repr(s.registry)):
         assert "dep1oy-pass" not in text and "w0rker-secret" not in text
     assert s.registry.deploy_password == "dep1oy-pass"
+
+
+# -- the credentials file ----------------------------------------------------------------------
+
+
+def test_read_env_file(tmp_path: Path) -> None:
+    path = tmp_path / "credentials.env"
+    path.write_text(
+        "# written by deploy/registry.sh\n"
+        "\n"
+        "IMAGEFN_DEPLOY_PASSWORD='pa=ss'\n"
+        '  IMAGEFN_WORKER_SECRET = "s3cret"  \n'
+        "IMAGEFN_REGISTRY=127.0.0.1:5000\n"
+        "not an assignment\n"
+        "IMAGEFN_EMPTY=\n"
+    )
+    assert read_env_file(str(path)) == {
+        "IMAGEFN_DEPLOY_PASSWORD": "pa=ss",
+        "IMAGEFN_WORKER_SECRET": "s3cret",
+        "IMAGEFN_REGISTRY": "127.0.0.1:5000",
+        "IMAGEFN_EMPTY": "",
+    }
+
+
+def test_missing_or_unreadable_env_file_is_empty(tmp_path: Path) -> None:
+    assert read_env_file(str(tmp_path / "absent.env")) == {}
+    assert read_env_file(str(tmp_path)) == {}  # a directory: cannot be read as a file
+
+
+def test_env_file_values_load_as_settings(tmp_path: Path) -> None:
+    path = tmp_path / "credentials.env"
+    path.write_text("IMAGEFN_WORKER_SECRET=w0rker-secret\nIMAGEFN_TOKEN_TTL_S=600\n")
+    s = load_settings({**read_env_file(str(path)), "IMAGEFN_TOKEN_TTL_S": "60"})
+    assert (s.registry.worker_secret, s.registry.token_ttl_s) == ("w0rker-secret", 60)
