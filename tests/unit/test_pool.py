@@ -743,3 +743,17 @@ async def test_unused_images_are_collected_but_not_those_of_live_instances(
     # 300 MB: a's image goes (least recently used, no instance); b's is in use.
     assert kit.runtime.removed_images == [a.image_ref]
     assert set(kit.runtime.images) == {b.image_ref, c.image_ref}
+
+
+async def test_cold_start_finishing_after_the_deadline_keeps_the_instance_warm(
+    kit: PoolKit,
+) -> None:
+    kit.runtime.queue(Behaviour(start_delay_s=0.3))
+    record = make_record()
+    late = await kit.pool.invoke(make_invocation(record, deadline_in_s=0.1))
+    assert error_type(late) == "FunctionTimeout"
+    assert kit.forwarder.calls == []  # never sent to the function
+    [inst] = kit.pool.instances()
+    assert inst.state is State.READY
+    again = await kit.pool.invoke(make_invocation(record))
+    assert again.error is None and again.instance == inst.id and not again.cold_start
