@@ -20,8 +20,10 @@ Callers never see backend types: only ``Invocation``, ``InvocationResult`` and
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shared.messages import Invocation, InvocationResult
 
@@ -36,7 +38,47 @@ class Delivery:
 
 
 class InvocationQueue(ABC):
-    """Abstract base of every queue backend; see the module text for its promises."""
+    """Abstract base of every queue backend; see the module text for its promises.
+
+    ``call`` is implemented here once: a backend delivers a result to the waiting call by
+    handing it to ``_resolve`` with the invocation's ``call_id``.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, asyncio.Future[InvocationResult]] = {}
+
+    async def call(self, invocation: Invocation, timeout_s: float) -> InvocationResult | None:
+        """Publish ``invocation`` (whose reply_to is ``reply_address()``) and wait for its
+        result up to ``timeout_s``; None when none arrived in time."""
+        await self._before_call()
+        # A fresh id per call: the result finds exactly this caller, even when two
+        # callers chose the same request id.
+        call_id = uuid.uuid4().hex
+        fut: asyncio.Future[InvocationResult] = asyncio.get_running_loop().create_future()
+        # Register before publishing: a fast worker may answer before publish returns.
+        self._waiters[call_id] = fut
+        try:
+            await self.publish(replace(invocation, call_id=call_id))
+            return await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            self._waiters.pop(call_id, None)
+
+    async def _before_call(self) -> None:  # noqa: B027 - an optional hook, empty by default
+        """Hook: start whatever receives results (a reader task), once."""
+
+    def _resolve(self, call_id: str, result: InvocationResult) -> None:
+        """Hand a result to its waiting call; late or duplicate results are dropped."""
+        fut = self._waiters.get(call_id)
+        if fut is not None and not fut.done():
+            fut.set_result(result)
+
+    def _cancel_waiters(self) -> None:
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.cancel()
+        self._waiters.clear()
 
     @abstractmethod
     async def open(self) -> None:
@@ -55,11 +97,6 @@ class InvocationQueue(ABC):
     @abstractmethod
     def reply_address(self) -> str:
         """Where results for this process's ``call``s are delivered (goes in ``reply_to``)."""
-
-    @abstractmethod
-    async def call(self, invocation: Invocation, timeout_s: float) -> InvocationResult | None:
-        """Publish ``invocation`` (whose reply_to is ``reply_address()``) and wait for its
-        result up to ``timeout_s``; None when none arrived in time."""
 
     # -- consumer side (workers) -----------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from shared.messages import Invocation, InvocationResult
 from shared.queue.base import Delivery, InvocationQueue
@@ -29,7 +29,7 @@ class MemoryQueue(InvocationQueue):
         self._reclaim_idle_s = reclaim_idle_s
         self._new: asyncio.Queue[tuple[str, Invocation]] = asyncio.Queue()
         self._pending: dict[str, _Pending] = {}
-        self._waiters: dict[str, asyncio.Future[InvocationResult]] = {}
+        super().__init__()
         self._ids = itertools.count(1)
         self.results: list[InvocationResult] = []
 
@@ -37,27 +37,13 @@ class MemoryQueue(InvocationQueue):
         return None
 
     async def close(self) -> None:
-        for fut in self._waiters.values():
-            fut.cancel()
-        self._waiters.clear()
+        self._cancel_waiters()
 
     async def publish(self, invocation: Invocation) -> None:
         await self._new.put((str(next(self._ids)), invocation))
 
     def reply_address(self) -> str:
         return "memory"
-
-    async def call(self, invocation: Invocation, timeout_s: float) -> InvocationResult | None:
-        call_id = str(next(self._ids))
-        fut: asyncio.Future[InvocationResult] = asyncio.get_running_loop().create_future()
-        self._waiters[call_id] = fut
-        try:
-            await self.publish(replace(invocation, call_id=call_id))
-            return await asyncio.wait_for(fut, timeout_s)
-        except TimeoutError:
-            return None
-        finally:
-            self._waiters.pop(call_id, None)
 
     async def consume(self, consumer: str, max_count: int, block_s: float) -> list[Delivery]:
         out: list[Delivery] = []
@@ -93,9 +79,7 @@ class MemoryQueue(InvocationQueue):
     async def finish(self, delivery: Delivery, result: InvocationResult | None) -> None:
         if result is not None:
             self.results.append(result)
-            fut = self._waiters.get(delivery.invocation.call_id)
-            if fut is not None and not fut.done():
-                fut.set_result(result)
+            self._resolve(delivery.invocation.call_id, result)
         self._pending.pop(delivery.receipt, None)
 
     @property

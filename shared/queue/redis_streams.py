@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import contextvars
 import uuid
-from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -62,7 +61,7 @@ class RedisStreamsQueue(InvocationQueue):
         self._keys = Keys(settings.prefix)
         self._gateway_id = uuid.uuid4().hex
         self._reply_key = self._keys.replies(self._gateway_id)
-        self._waiters: dict[str, asyncio.Future[InvocationResult]] = {}
+        super().__init__()
         self._reader: asyncio.Task[None] | None = None
         self._group_ready = False
         self._closed = False
@@ -91,10 +90,7 @@ class RedisStreamsQueue(InvocationQueue):
             with contextlib.suppress(asyncio.CancelledError, RedisError):
                 await self._reader
             self._reader = None
-        for fut in self._waiters.values():
-            if not fut.done():
-                fut.cancel()
-        self._waiters.clear()
+        self._cancel_waiters()
 
     # -- producer side -------------------------------------------------------------------
 
@@ -107,24 +103,13 @@ class RedisStreamsQueue(InvocationQueue):
     def reply_address(self) -> str:
         return self._reply_key
 
-    async def call(self, invocation: Invocation, timeout_s: float) -> InvocationResult | None:
+    async def _before_call(self) -> None:
         if self._reader is None:
             # A fresh context: the reader outlives the request that happened to start it,
             # and its log lines must not carry that request's id.
             self._reader = asyncio.create_task(
                 self._read_replies(), name="queue-reply-reader", context=contextvars.Context()
             )
-        call_id = uuid.uuid4().hex
-        fut: asyncio.Future[InvocationResult] = asyncio.get_running_loop().create_future()
-        # Register before publishing: a fast worker may answer before publish returns.
-        self._waiters[call_id] = fut
-        try:
-            await self.publish(replace(invocation, call_id=call_id))
-            return await asyncio.wait_for(fut, timeout_s)
-        except TimeoutError:
-            return None
-        finally:
-            self._waiters.pop(call_id, None)
 
     async def _read_replies(self) -> None:
         last_id: Any = "0"
@@ -146,11 +131,10 @@ class RedisStreamsQueue(InvocationQueue):
                     last_id = entry_id
                     unread_trimmed += 1
                     call_id = fields.get(CALL_ID_FIELD, b"").decode()
-                    fut = self._waiters.get(call_id)
-                    if fut is None or fut.done():
+                    if call_id not in self._waiters:
                         continue  # the caller gave up, or a duplicate delivery
                     try:
-                        fut.set_result(InvocationResult.decode(fields))
+                        self._resolve(call_id, InvocationResult.decode(fields))
                     except (KeyError, ValueError) as e:
                         log.error("reply_undecodable", entry=str(entry_id), error=str(e))
             if unread_trimmed >= REPLY_TRIM_EVERY:
