@@ -62,6 +62,9 @@ class WorkerSettings:
     max_slot_wait_s: float = 10.0
     # Memory this worker may give to containers, in MiB.
     memory_capacity_mb: int = 16384
+    # An instance idle this long is frozen (docker pause): no CPU, its memory kept, woken
+    # in milliseconds by the next invocation. 0 turns freezing off.
+    pause_after_s: float = 2.0
     heartbeat_s: float = 2.0
     heartbeat_ttl_s: float = 8.0
     janitor_interval_s: float = 10.0
@@ -200,6 +203,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             memory_capacity_mb=_int(env, "IMAGEFN_WORKER_MEMORY_MB", w.memory_capacity_mb),
             max_slot_wait_s=_float(env, "IMAGEFN_MAX_SLOT_WAIT_S", w.max_slot_wait_s),
             heartbeat_s=_float(env, "IMAGEFN_HEARTBEAT_S", w.heartbeat_s),
+            pause_after_s=_float(env, "IMAGEFN_PAUSE_AFTER_S", w.pause_after_s),
             heartbeat_ttl_s=_float(env, "IMAGEFN_HEARTBEAT_TTL_S", w.heartbeat_ttl_s),
             janitor_interval_s=_float(env, "IMAGEFN_JANITOR_INTERVAL_S", w.janitor_interval_s),
             drain_timeout_s=_float(env, "IMAGEFN_DRAIN_TIMEOUT_S", w.drain_timeout_s),

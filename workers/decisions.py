@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from workers.instance import InstanceView, State
+from workers.instance import ASLEEP_STATES, InstanceView, State
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,12 @@ def choose(
         # used, so that surplus instances go idle and reach their TTL.
         best = max(candidates, key=lambda v: (v.inflight, v.last_used))
         return UseInstance(best.id)
+    asleep = [
+        v for v in mine if v.version == version and v.state in ASLEEP_STATES and v.inflight == 0
+    ]
+    if asleep:
+        # Waking a frozen instance takes milliseconds; starting one, hundreds.
+        return UseInstance(max(asleep, key=lambda v: v.last_used).id)
 
     live_mine = [v for v in mine if v.state not in (State.STOPPING, State.GONE)]
     replace: tuple[str, ...] = ()
@@ -76,7 +82,7 @@ def choose(
         other = [
             v
             for v in live_mine
-            if v.version != version and v.state is State.READY and v.inflight == 0
+            if v.version != version and v.state in (State.READY, State.PAUSED) and v.inflight == 0
         ]
         if not other:
             return Wait(f"function has {len(live_mine)} of {max_instances} instances busy")
@@ -106,7 +112,7 @@ def evictable(
     return [
         v
         for v in instances
-        if v.state is State.READY
+        if v.state in (State.READY, State.PAUSED)
         and v.inflight == 0
         and not v.retiring
         and (v.function != for_function or v.version != for_version)

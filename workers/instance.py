@@ -1,12 +1,21 @@
 """A function instance: one container, as an explicit state machine.
 
     CREATING ─▶ STARTING ─▶ INITIALIZING ─▶ READY ⇄ BUSY
-        │           │              │           │       │
-        └───────────┴──────────────┴───────────┴───────┴──▶ STOPPING ─▶ GONE
+        │           │              │           │ ▲      │
+        │           │              │           ▼ │      │
+        │           │              │   PAUSING ─▶ PAUSED ─▶ RESUMING ─▶ BUSY
+        └───────────┴──────────────┴───────────┴────────────────────────┴──▶ STOPPING ─▶ GONE
+
+An idle instance is frozen (``docker pause``, the cgroup freezer) after
+``pause_after_s``: it uses no CPU, keeps its memory, and wakes in milliseconds when an
+invocation needs it, instead of a full start. Only the owner task changes the container's
+state (pause, unpause, remove); an invocation that wants a frozen instance reserves it and
+waits for ``awake``.
 
 Every state has a time limit, enforced by the instance's owner task in the pool:
 CREATING/STARTING by the engine call timeouts, INITIALIZING by the function's
-``init_timeout_s``, READY by ``idle_ttl_s`` (then the instance is retired), BUSY by the
+``init_timeout_s``, READY by ``pause_after_s`` (then it is frozen), READY and PAUSED
+together by ``idle_ttl_s`` (then the instance is retired), BUSY by the
 function's ``timeout_s`` (then the instance is killed), STOPPING by the stop timeout.
 Transitions not in ``ALLOWED`` raise: a pool bug shows up at once instead of as a leak.
 """
@@ -28,6 +37,9 @@ class State(enum.Enum):
     INITIALIZING = "initializing"
     READY = "ready"
     BUSY = "busy"
+    PAUSING = "pausing"
+    PAUSED = "paused"
+    RESUMING = "resuming"
     STOPPING = "stopping"
     GONE = "gone"
 
@@ -36,16 +48,30 @@ ALLOWED: dict[State, frozenset[State]] = {
     State.CREATING: frozenset({State.STARTING, State.STOPPING}),
     State.STARTING: frozenset({State.INITIALIZING, State.STOPPING}),
     State.INITIALIZING: frozenset({State.READY, State.BUSY, State.STOPPING}),
-    State.READY: frozenset({State.BUSY, State.STOPPING}),
+    State.READY: frozenset({State.BUSY, State.PAUSING, State.STOPPING}),
     State.BUSY: frozenset({State.READY, State.BUSY, State.STOPPING}),
+    State.PAUSING: frozenset({State.PAUSED, State.STOPPING}),
+    State.PAUSED: frozenset({State.RESUMING, State.STOPPING}),
+    State.RESUMING: frozenset({State.BUSY, State.STOPPING}),
     State.STOPPING: frozenset({State.GONE}),
     State.GONE: frozenset(),
 }
 
 # States in which an instance holds (or is about to hold) a container and its memory.
 LIVE_STATES = frozenset(
-    {State.CREATING, State.STARTING, State.INITIALIZING, State.READY, State.BUSY}
+    {
+        State.CREATING,
+        State.STARTING,
+        State.INITIALIZING,
+        State.READY,
+        State.BUSY,
+        State.PAUSING,
+        State.PAUSED,
+        State.RESUMING,
+    }
 )
+# Frozen, or on the way in or out: usable after a wake-up.
+ASLEEP_STATES = frozenset({State.PAUSING, State.PAUSED, State.RESUMING})
 
 
 class InvalidTransition(RuntimeError):
@@ -74,6 +100,9 @@ class Instance:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     # Poked whenever something the owner task waits on changes.
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set while the instance can take requests (not frozen); invocations that reserved a
+    # frozen instance wait for it.
+    awake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def function(self) -> str:

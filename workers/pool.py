@@ -35,7 +35,7 @@ from shared.settings import WorkerSettings
 from shared.spec import FunctionRecord
 from workers import decisions
 from workers.forwarder import ConnectionLost, Forwarder, Response
-from workers.instance import Instance, State
+from workers.instance import ASLEEP_STATES, Instance, State
 from workers.probe import diagnose_listeners, probe_port
 from workers.runtime import (
     LABEL_FUNCTION,
@@ -224,9 +224,13 @@ class ContainerPool:
                 if isinstance(decision, decisions.UseInstance):
                     inst = self._instances[decision.instance_id]
                     inst.inflight += 1
-                    inst.transition(State.BUSY)
                     if loop.time() - waited_from > 0.001:
                         timings["wait"] = loop.time() - waited_from
+                    if inst.state in ASLEEP_STATES:
+                        # Reserved; its owner wakes it (outside this lock, below).
+                        inst.wakeup.set()
+                        break
+                    inst.transition(State.BUSY)
                     return inst, False
                 if isinstance(decision, decisions.StartInstance):
                     for victim in decision.evict:
@@ -248,6 +252,8 @@ class ContainerPool:
                         self._memory_waiters[spec.name] -= 1
                         if not self._memory_waiters[spec.name]:
                             del self._memory_waiters[spec.name]
+        if inst.state in ASLEEP_STATES:
+            return await self._await_wake(inst, timings), False
         # Cold path: the new instance is reserved for this invocation (inflight = 1).
         try:
             await inst.started.wait()
@@ -260,6 +266,20 @@ class ContainerPool:
             await self._release(inst)
             raise inst.start_error
         return inst, True
+
+    async def _await_wake(self, inst: Instance, timings: dict[str, float]) -> Instance:
+        """Wait for the owner to unfreeze an instance this invocation reserved."""
+        started = time.monotonic()
+        try:
+            await inst.awake.wait()
+        except BaseException:
+            await self._release(inst)
+            raise
+        timings["wake"] = time.monotonic() - started
+        if inst.state is not State.BUSY:
+            await self._release(inst)
+            raise ServiceUnavailable(f"instance {inst.id} could not be woken up")
+        return inst
 
     async def _release(self, inst: Instance) -> None:
         inst.inflight -= 1
@@ -319,22 +339,61 @@ class ContainerPool:
             await self._stop(inst)
 
     async def _serve(self, inst: Instance) -> None:
-        """Hold the instance until it is retired or idle past its TTL."""
+        """Hold the instance until it is retired or idle past its TTL: freeze it when idle
+        for ``pause_after_s``, wake it when an invocation reserved it."""
         idle_ttl_s = inst.record.spec.idle_ttl_s
+        pause_after_s = self._settings.pause_after_s
         while True:
             inst.wakeup.clear()
             if self._closing and inst.inflight == 0:
                 inst.retire("shutdown")
             if inst.retire_reason and (inst.inflight == 0 or inst.retire_reason in KILL_REASONS):
                 return
+            if inst.state is State.PAUSED and inst.inflight > 0:
+                await self._resume(inst)
+                continue
             timeout: float | None = None
-            if inst.state is State.READY and not inst.retire_reason:
-                timeout = decisions.idle_deadline(inst.last_used, idle_ttl_s) - time.monotonic()
+            if inst.state in (State.READY, State.PAUSED) and not inst.retire_reason:
+                now = time.monotonic()
+                timeout = decisions.idle_deadline(inst.last_used, idle_ttl_s) - now
                 if timeout <= 0:
                     inst.retire("idle")
                     continue
+                if inst.state is State.READY and pause_after_s > 0:
+                    pause_in = inst.last_used + pause_after_s - now
+                    if pause_in <= 0:
+                        await self._pause(inst)
+                        continue
+                    timeout = min(timeout, pause_in)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(inst.wakeup.wait(), timeout)
+
+    async def _pause(self, inst: Instance) -> None:
+        inst.awake.clear()
+        inst.transition(State.PAUSING)
+        try:
+            await asyncio.wait_for(self._runtime.pause(inst.container_id), ENGINE_CALL_TIMEOUT_S)
+        except Exception as e:
+            log.warning("instance_pause_failed", error=str(e))
+            inst.retire("crashed")
+            inst.awake.set()  # anyone who reserved it meanwhile sees it is not BUSY
+            return
+        inst.transition(State.PAUSED)
+        log.info("instance_paused")
+
+    async def _resume(self, inst: Instance) -> None:
+        inst.transition(State.RESUMING)
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self._runtime.unpause(inst.container_id), ENGINE_CALL_TIMEOUT_S)
+        except Exception as e:
+            log.warning("instance_resume_failed", error=str(e))
+            inst.retire("crashed")
+            inst.awake.set()
+            return
+        inst.transition(State.BUSY)
+        inst.awake.set()
+        log.info("instance_resumed", seconds=round(time.monotonic() - started, 4))
 
     def _container_config(self, inst: Instance) -> ContainerConfig:
         spec = inst.record.spec
@@ -380,6 +439,7 @@ class ContainerPool:
         inst.start_timings["ready"] = time.monotonic() - t3
         # Reserved for the invocation that caused the start, unless it gave up meanwhile.
         inst.transition(State.BUSY if inst.inflight > 0 else State.READY)
+        inst.awake.set()
         log.info("instance_ready", port=inst.host_port, timings=inst.start_timings)
 
     async def _wait_ready(self, inst: Instance) -> None:
@@ -463,7 +523,9 @@ class ContainerPool:
 
     def container_died(self, container_id: str) -> None:
         inst = self._by_container.get(container_id)
-        if inst is not None and inst.state in (State.READY, State.BUSY):
+        if inst is not None and (
+            inst.state in (State.READY, State.BUSY) or inst.state in ASLEEP_STATES
+        ):
             # An idle instance that died is retired now so that the next invocation does
             # not land on it; a busy one fails its request, which retires it too.
             inst.retire("exited")

@@ -105,6 +105,8 @@ class ContainerRuntime(Protocol):
     async def state(self, container_id: str) -> ContainerState: ...
     async def logs_tail(self, container_id: str, lines: int) -> list[str]: ...
     async def remove(self, container_id: str, stop_timeout_s: float) -> None: ...
+    async def pause(self, container_id: str) -> None: ...
+    async def unpause(self, container_id: str) -> None: ...
     async def list_managed(self) -> list[ManagedContainer]: ...
     def die_events(self, worker_id: str) -> AsyncIterator[str]: ...
     async def image_size(self, image_ref: str) -> int | None: ...
@@ -204,6 +206,18 @@ class DockerRuntime:
         except DockerError as e:
             if e.status not in (404, 409):
                 raise
+
+    async def pause(self, container_id: str) -> None:
+        try:
+            await self._docker.containers.container(container_id).pause()
+        except DockerError as e:
+            raise ServiceUnavailable(f"docker pause failed: {_docker_message(e)}") from e
+
+    async def unpause(self, container_id: str) -> None:
+        try:
+            await self._docker.containers.container(container_id).unpause()
+        except DockerError as e:
+            raise ServiceUnavailable(f"docker unpause failed: {_docker_message(e)}") from e
 
     async def list_managed(self) -> list[ManagedContainer]:
         items = await self._docker.containers.list(

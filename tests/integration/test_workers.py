@@ -171,3 +171,26 @@ async def test_worker_logs_carry_request_id_function_and_instance(
     assert done, lines
     assert done[0]["function"] == name
     assert done[0]["instance"] == headers["X-Imagefn-Instance"]
+
+
+async def test_idle_instance_is_frozen_then_woken_in_place(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("freeze")
+    await platform.deploy(client, name)
+    _, headers, body = await platform.invoke(client, name, {})
+    instance = headers["X-Imagefn-Instance"]
+    cid = docker("ps", "-q", "--filter", f"label=imagefn.instance={instance}").stdout.strip()
+
+    def paused() -> bool:
+        return docker("inspect", "-f", "{{.State.Paused}}", cid).stdout.strip() == "true"
+
+    # The platform's default pause_after_s is 2 s.
+    await wait_for(paused, 10, "the idle instance to be frozen")
+    status, headers, body2 = await platform.invoke(client, name, {})
+    assert status == 200
+    assert headers["X-Imagefn-Instance"] == instance
+    assert headers["X-Imagefn-Cold-Start"] == "false"
+    assert "wake;dur=" in headers["Server-Timing"]
+    assert body2["pid"] == body["pid"] and body2["count"] == body["count"] + 1
+    assert not paused()

@@ -52,6 +52,7 @@ class FakeContainer:
     exit_code: int | None = None
     oom_killed: bool = False
     removed: bool = False
+    paused: bool = False
     port: int = 0
     server: asyncio.Server | None = None
     conns: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -111,6 +112,10 @@ class FakeRuntime:
         self.removed: list[tuple[str, float]] = []
         self.deaths: asyncio.Queue[str] = asyncio.Queue()
         self.closed = False
+        self.pauses: list[str] = []
+        self.unpauses: list[str] = []
+        self.pause_error: Exception | None = None
+        self.unpause_delay_s = 0.0
         # Images the engine holds, by the reference they can be found under.
         self.images: dict[str, FakeImage] = {}
         self.pull_default = PullBehaviour()
@@ -206,6 +211,18 @@ class FakeRuntime:
         c.running = False
         c.removed = True
         await self._stop_server(c)
+
+    async def pause(self, container_id: str) -> None:
+        if self.pause_error is not None:
+            raise self.pause_error
+        self.containers[container_id].paused = True
+        self.pauses.append(container_id)
+
+    async def unpause(self, container_id: str) -> None:
+        if self.unpause_delay_s:
+            await asyncio.sleep(self.unpause_delay_s)
+        self.containers[container_id].paused = False
+        self.unpauses.append(container_id)
 
     async def list_managed(self) -> list[ManagedContainer]:
         return [ManagedContainer(c.id, dict(c.config.labels)) for c in self.live()]

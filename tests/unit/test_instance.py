@@ -22,7 +22,14 @@ EXPECTED_ALLOWED: set[tuple[State, State]] = {
     (S.INITIALIZING, S.BUSY),
     (S.INITIALIZING, S.STOPPING),
     (S.READY, S.BUSY),
+    (S.READY, S.PAUSING),
     (S.READY, S.STOPPING),
+    (S.PAUSING, S.PAUSED),
+    (S.PAUSING, S.STOPPING),
+    (S.PAUSED, S.RESUMING),
+    (S.PAUSED, S.STOPPING),
+    (S.RESUMING, S.BUSY),
+    (S.RESUMING, S.STOPPING),
     (S.BUSY, S.READY),
     (S.BUSY, S.BUSY),
     (S.BUSY, S.STOPPING),
@@ -35,6 +42,9 @@ PATH = {
     S.INITIALIZING: [S.STARTING, S.INITIALIZING],
     S.READY: [S.STARTING, S.INITIALIZING, S.READY],
     S.BUSY: [S.STARTING, S.INITIALIZING, S.BUSY],
+    S.PAUSING: [S.STARTING, S.INITIALIZING, S.READY, S.PAUSING],
+    S.PAUSED: [S.STARTING, S.INITIALIZING, S.READY, S.PAUSING, S.PAUSED],
+    S.RESUMING: [S.STARTING, S.INITIALIZING, S.READY, S.PAUSING, S.PAUSED, S.RESUMING],
     S.STOPPING: [S.STOPPING],
     S.GONE: [S.STOPPING, S.GONE],
 }
@@ -98,7 +108,16 @@ def test_named_forbidden_transitions(old: State, new: State) -> None:
 
 
 def test_live_states() -> None:
-    assert LIVE_STATES == {S.CREATING, S.STARTING, S.INITIALIZING, S.READY, S.BUSY}
+    assert LIVE_STATES == {
+        S.CREATING,
+        S.STARTING,
+        S.INITIALIZING,
+        S.READY,
+        S.BUSY,
+        S.PAUSING,
+        S.PAUSED,
+        S.RESUMING,
+    }
     assert instance_in(S.READY).live
     assert not instance_in(S.STOPPING).live
     assert not instance_in(S.GONE).live

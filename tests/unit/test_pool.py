@@ -757,3 +757,70 @@ async def test_cold_start_finishing_after_the_deadline_keeps_the_instance_warm(
     assert inst.state is State.READY
     again = await kit.pool.invoke(make_invocation(record))
     assert again.error is None and again.instance == inst.id and not again.cold_start
+
+
+# -- freezing idle instances ---------------------------------------------------------------
+
+
+async def test_idle_instance_is_frozen_and_woken_by_the_next_invocation(
+    make_pool: Callable[..., PoolKit],
+) -> None:
+    kit = make_pool(pause_after_s=0.1)
+    record = make_record()
+    first = await kit.pool.invoke(make_invocation(record))
+    [inst] = kit.pool.instances()
+    await eventually(lambda: inst.state is State.PAUSED)
+    [cid] = kit.runtime.containers
+    assert kit.runtime.pauses == [cid] and kit.runtime.containers[cid].paused
+    woken = await kit.pool.invoke(make_invocation(record))
+    assert woken.error is None
+    assert woken.instance == first.instance and not woken.cold_start
+    assert "wake" in woken.timings
+    assert kit.runtime.unpauses == [cid] and not kit.runtime.containers[cid].paused
+    assert inst.state is State.READY
+
+
+async def test_frozen_instance_still_goes_after_idle_ttl(
+    make_pool: Callable[..., PoolKit],
+) -> None:
+    kit = make_pool(pause_after_s=0.05)
+    await kit.pool.invoke(make_invocation(make_record(idle_ttl_s=0.4)))
+    [inst] = kit.pool.instances()
+    await eventually(lambda: inst.state is State.PAUSED)
+    await eventually(lambda: kit.pool.instances() == [], timeout_s=3)
+    assert kit.runtime.removed
+
+
+async def test_invocations_racing_a_pause_all_get_the_instance(
+    make_pool: Callable[..., PoolKit],
+) -> None:
+    kit = make_pool(pause_after_s=0.05)
+    kit.runtime.unpause_delay_s = 0.05
+    record = make_record(max_instances=1)
+    await kit.pool.invoke(make_invocation(record))
+    [inst] = kit.pool.instances()
+    await eventually(lambda: inst.state is State.PAUSED)
+    results = await asyncio.gather(*(kit.pool.invoke(make_invocation(record)) for _ in range(3)))
+    assert [r.error for r in results] == [None, None, None]
+    assert {r.instance for r in results} == {inst.id}
+
+
+async def test_a_failed_pause_retires_the_instance(make_pool: Callable[..., PoolKit]) -> None:
+    kit = make_pool(pause_after_s=0.05)
+    kit.runtime.pause_error = RuntimeError("freezer unavailable")
+    first = await kit.pool.invoke(make_invocation(make_record()))
+    await eventually(lambda: kit.pool.instances() == [])
+    again = await kit.pool.invoke(make_invocation(make_record()))
+    assert again.error is None and again.instance != first.instance
+
+
+async def test_frozen_instances_are_evicted_under_memory_pressure(
+    make_pool: Callable[..., PoolKit],
+) -> None:
+    kit = make_pool(memory_capacity_mb=1024, pause_after_s=0.05)
+    g = await kit.pool.invoke(make_invocation(make_record("g", memory_mb=768)))
+    [g_inst] = kit.pool.instances()
+    await eventually(lambda: g_inst.state is State.PAUSED)
+    f = await kit.pool.invoke(make_invocation(make_record("f", memory_mb=512)))
+    assert g.error is None and f.error is None
+    await eventually(lambda: [i.id for i in kit.pool.instances()] == [f.instance])
