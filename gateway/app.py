@@ -18,7 +18,17 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway import functions, invoke, token_service
-from gateway.context import IMAGES, QUEUE, REDIS, REGISTRY, REQUEST_ID, SETTINGS, TOKENS
+from gateway.concurrency import ConcurrencyLimiter
+from gateway.context import (
+    IMAGES,
+    LIMITER,
+    QUEUE,
+    REDIS,
+    REGISTRY,
+    REQUEST_ID,
+    SETTINGS,
+    TOKENS,
+)
 from gateway.errors import Handler, error_response, http_exception_to_error, log
 from gateway.images import ImageResolver, RegistryImageResolver, UncheckedImageResolver
 from gateway.tokens import REPOSITORY, Access, TokenIssuer
@@ -93,6 +103,7 @@ def build_app(
         app[REGISTRY] = FunctionRegistry(
             client, Keys(settings.queue.prefix), settings.gateway.function_cache_s
         )
+        app[LIMITER] = ConcurrencyLimiter(client, Keys(settings.queue.prefix))
         yield
         await client.aclose()
 

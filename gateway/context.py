@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from gateway.concurrency import ConcurrencyLimiter
 from gateway.images import ImageResolver
 from gateway.tokens import TokenIssuer
 from shared.queue.base import InvocationQueue
@@ -22,3 +23,4 @@ TOKENS = web.AppKey("tokens", TokenIssuer)
 
 # The request id of the request being handled (set by the request_context middleware).
 REQUEST_ID = web.RequestKey("request_id", str)
+LIMITER = web.AppKey("limiter", ConcurrencyLimiter)

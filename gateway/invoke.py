@@ -10,7 +10,7 @@ import time
 import structlog
 from aiohttp import web
 
-from gateway.context import QUEUE, REGISTRY, REQUEST_ID, SETTINGS
+from gateway.context import LIMITER, QUEUE, REGISTRY, REQUEST_ID, SETTINGS
 from shared.errors import FunctionTimeout, InvalidRequest, error_from_dict
 from shared.http import REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER, strip_hop_by_hop
 from shared.messages import Invocation, InvocationResult
@@ -42,11 +42,19 @@ def _wait_s(request: web.Request, record: FunctionRecord) -> float:
 
 
 async def _call(request: web.Request, inv: Invocation, wait_s: float) -> InvocationResult:
-    result = await request.app[QUEUE].call(inv, wait_s)
+    limit = inv.record.spec.max_concurrency
+    slot = ""
+    if limit:
+        slot = await request.app[LIMITER].acquire(inv.function, limit, inv.deadline)
+    try:
+        result = await request.app[QUEUE].call(inv, wait_s)
+    finally:
+        if slot:
+            await request.app[LIMITER].release(inv.function, slot)
     if result is None:
         raise FunctionTimeout(
             f"no result for {inv.function} within {wait_s:g} s "
-            "(function timeout + init timeout + queueing grace); is a worker running?"
+            "(function timeout + init/pull timeouts + grace); is a worker running?"
         )
     if result.error is not None:
         err = error_from_dict(result.error)

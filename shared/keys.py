@@ -26,6 +26,11 @@ class Keys:
         """Hash: alias name → version number."""
         return f"{self.prefix}:aliases:{function}"
 
+    def inflight(self, function: str) -> str:
+        """Sorted set: the function's invocations in flight (member: slot id, score: the
+        call's deadline), for max_concurrency."""
+        return f"{self.prefix}:inflight:{function}"
+
     @property
     def invocations(self) -> str:
         """Stream of pending invocations, read by the ``workers`` consumer group."""

@@ -30,7 +30,14 @@ RANGES: dict[str, tuple[float, float]] = {
     "init_timeout_s": (1, 300),
     "idle_ttl_s": (1, 86400),
     "max_instances": (1, 1000),
+    # Requests one instance serves at once; event functions take one at a time.
+    "instance_concurrency": (1, 100),
+    # Reserved cap on the function's invocations in flight across the platform; 0: none.
+    "max_concurrency": (0, 100_000),
 }
+INTEGER_FIELDS = frozenset(
+    {"memory_mb", "max_instances", "instance_concurrency", "max_concurrency"}
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class FunctionSpec:
     init_timeout_s: float = 30.0
     idle_ttl_s: float = 300.0
     max_instances: int = 10
+    instance_concurrency: int = 1
+    max_concurrency: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -198,13 +207,16 @@ def parse_spec(data: Any) -> FunctionSpec:
     numbers: dict[str, float] = {}
     for key in RANGES:
         if key in data:
-            integer = key in ("memory_mb", "max_instances")
+            integer = key in INTEGER_FIELDS
             got = _number(data[key], key, integer, errors)
             if got is not None:
                 numbers[key] = got
         else:
             numbers[key] = getattr(defaults, key)
 
+    if ftype == "event" and numbers.get("instance_concurrency", 1) != 1:
+        # The contract: one instance handles one event at a time.
+        errors["instance_concurrency"] = "must be 1 for event functions"
     if errors:
         raise InvalidSpec(errors)
     return FunctionSpec(
@@ -220,4 +232,6 @@ def parse_spec(data: Any) -> FunctionSpec:
         init_timeout_s=float(numbers["init_timeout_s"]),
         idle_ttl_s=float(numbers["idle_ttl_s"]),
         max_instances=int(numbers["max_instances"]),
+        instance_concurrency=int(numbers["instance_concurrency"]),
+        max_concurrency=int(numbers["max_concurrency"]),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from workers.instance import ASLEEP_STATES, InstanceView, State
+from workers.instance import ASLEEP_STATES, STARTING_STATES, InstanceView, State
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,14 @@ def choose(
     if asleep:
         # Waking a frozen instance takes milliseconds; starting one, hundreds.
         return UseInstance(max(asleep, key=lambda v: v.last_used).id)
+    starting = [
+        v
+        for v in mine
+        if v.version == version and v.state in STARTING_STATES and v.inflight < per_instance
+    ]
+    if starting:
+        # A multi-request instance on its way up has room: share its start.
+        return UseInstance(max(starting, key=lambda v: v.inflight).id)
 
     live_mine = [v for v in mine if v.state not in (State.STOPPING, State.GONE)]
     replace: tuple[str, ...] = ()

@@ -70,6 +70,8 @@ LIVE_STATES = frozenset(
         State.RESUMING,
     }
 )
+# On the way up: usable once started.
+STARTING_STATES = frozenset({State.CREATING, State.STARTING, State.INITIALIZING})
 # Frozen, or on the way in or out: usable after a wake-up.
 ASLEEP_STATES = frozenset({State.PAUSING, State.PAUSED, State.RESUMING})
 

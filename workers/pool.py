@@ -35,7 +35,7 @@ from shared.settings import WorkerSettings
 from shared.spec import FunctionRecord
 from workers import decisions
 from workers.forwarder import ConnectionLost, Forwarder, Response
-from workers.instance import ASLEEP_STATES, Instance, State
+from workers.instance import ASLEEP_STATES, STARTING_STATES, Instance, State
 from workers.probe import diagnose_listeners, probe_port
 from workers.runtime import (
     LABEL_FUNCTION,
@@ -218,7 +218,7 @@ class ContainerPool:
                     version=record.version,
                     memory_mb=spec.memory_mb,
                     max_instances=spec.max_instances,
-                    per_instance=1,
+                    per_instance=spec.instance_concurrency,
                     memory_capacity_mb=self._settings.memory_capacity_mb,
                 )
                 if isinstance(decision, decisions.UseInstance):
@@ -230,6 +230,8 @@ class ContainerPool:
                         # Reserved; its owner wakes it (outside this lock, below).
                         inst.wakeup.set()
                         break
+                    if inst.state in STARTING_STATES:
+                        break  # shares a start in progress (below)
                     inst.transition(State.BUSY)
                     return inst, False
                 if isinstance(decision, decisions.StartInstance):

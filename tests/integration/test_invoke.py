@@ -167,3 +167,42 @@ async def test_two_callers_with_the_same_request_id_get_their_own_results(
     a, b = await asyncio.gather(call(1), call(2))
     assert a["event"] == {"n": 1, "sleep": 0.2}
     assert b["event"] == {"n": 2, "sleep": 0.2}
+
+
+async def test_burst_beyond_max_concurrency_fails_fast(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("reserved")
+    await platform.deploy(client, name, max_concurrency=2, max_instances=4, timeout_s=10)
+    await platform.invoke(client, name, {})  # warm one up
+    results = await asyncio.gather(
+        *(platform.invoke(client, name, {"sleep": 1.5}) for _ in range(4))
+    )
+    statuses = sorted(s for s, _, _ in results)
+    assert statuses == [200, 200, 429, 429], statuses
+    refused = [h for s, h, _ in results if s == 429]
+    assert all(h["X-Scf-Error-Type"] == "ConcurrencyLimitExceeded" for h in refused)
+    # The slots come back once those calls are done.
+    status, _, _ = await platform.invoke(client, name, {})
+    assert status == 200
+
+
+async def test_web_instance_serves_instance_concurrency_requests_at_once(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("multi")
+    await platform.deploy(client, name, type="web", args=["serve-threaded"], instance_concurrency=4)
+    async with client.get(f"{platform.url}/web/{name}/warm") as resp:
+        assert resp.status == 200
+
+    async def call() -> tuple[str, dict[str, object]]:
+        async with client.get(f"{platform.url}/web/{name}/x", params={"sleep": "1"}) as resp:
+            assert resp.status == 200, await resp.text()
+            return resp.headers["X-Imagefn-Instance"], await resp.json()
+
+    started = asyncio.get_running_loop().time()
+    results = await asyncio.gather(*(call() for _ in range(4)))
+    elapsed = asyncio.get_running_loop().time() - started
+    assert len({inst for inst, _ in results}) == 1
+    # They ran together on that instance, not one after another (4 x 1 s).
+    assert elapsed < 3.0, elapsed

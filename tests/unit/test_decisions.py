@@ -92,9 +92,18 @@ def test_other_functions_are_not_reused() -> None:
     assert pick([view("g1", function="g")]) == StartInstance()
 
 
-@pytest.mark.parametrize("state", [S.CREATING, S.STARTING, S.INITIALIZING, S.STOPPING, S.GONE])
-def test_instances_not_ready_or_busy_are_not_used(state: State) -> None:
+@pytest.mark.parametrize("state", [S.STOPPING, S.GONE])
+def test_instances_going_away_are_not_used(state: State) -> None:
     assert not isinstance(pick([view("a", state=state)]), UseInstance)
+
+
+@pytest.mark.parametrize("state", [S.CREATING, S.STARTING, S.INITIALIZING])
+def test_starting_instance_is_shared_only_when_it_has_room(state: State) -> None:
+    # Reserved by the invocation that started it: one request at a time, no room.
+    assert not isinstance(pick([view("a", state=state, inflight=1)]), UseInstance)
+    # A web instance taking 4 at once shares its start with the next 3.
+    shared = pick([view("a", state=state, inflight=1)], per_instance=4)
+    assert shared == UseInstance("a")
 
 
 def test_retiring_instance_is_ignored() -> None:

@@ -824,3 +824,36 @@ async def test_frozen_instances_are_evicted_under_memory_pressure(
     f = await kit.pool.invoke(make_invocation(make_record("f", memory_mb=512)))
     assert g.error is None and f.error is None
     await eventually(lambda: [i.id for i in kit.pool.instances()] == [f.instance])
+
+
+# -- instance concurrency (web functions) --------------------------------------------------
+
+
+async def test_web_instance_takes_instance_concurrency_requests_at_once(kit: PoolKit) -> None:
+    gate = asyncio.Event()
+    reached: list[int] = []
+    for _ in range(4):
+        kit.forwarder.then(gate_step(gate, reached))
+    record = make_record("site", type="web", instance_concurrency=4)
+    tasks = [asyncio.create_task(kit.pool.invoke(make_invocation(record))) for _ in range(4)]
+    await eventually(lambda: len(reached) == 4)
+    # All four reached the function at once, on one instance that started once.
+    assert len(kit.runtime.containers) == 1
+    gate.set()
+    results = await asyncio.gather(*tasks)
+    assert all(r.error is None for r in results)
+    assert len({r.instance for r in results}) == 1
+    assert sum(r.cold_start for r in results) == 4  # all waited for the one start
+
+
+async def test_fifth_concurrent_web_request_starts_a_second_instance(kit: PoolKit) -> None:
+    gate = asyncio.Event()
+    for _ in range(5):
+        kit.forwarder.then(gate_step(gate))
+    record = make_record("site", type="web", instance_concurrency=4)
+    tasks = [asyncio.create_task(kit.pool.invoke(make_invocation(record))) for _ in range(5)]
+    await eventually(lambda: len(kit.forwarder.calls) == 5)
+    assert len(kit.runtime.containers) == 2
+    gate.set()
+    results = await asyncio.gather(*tasks)
+    assert all(r.error is None for r in results)

@@ -315,3 +315,31 @@ def test_record_from_dict_revalidates_the_spec() -> None:
     with pytest.raises(InvalidSpec) as info:
         FunctionRecord.from_dict(d)
     assert list(info.value.fields) == ["memory_mb"]
+
+
+def test_instance_concurrency_is_for_web_functions_only() -> None:
+    web = parse_spec({"name": "w", "image": "r/w:1", "type": "web", "instance_concurrency": 8})
+    assert web.instance_concurrency == 8
+    with pytest.raises(InvalidSpec) as info:
+        parse_spec({"name": "e", "image": "r/e:1", "instance_concurrency": 2})
+    assert set(info.value.fields) == {"instance_concurrency"}
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("instance_concurrency", 0),
+        ("instance_concurrency", 101),
+        ("max_concurrency", -1),
+        ("max_concurrency", 1.5),
+    ],
+)
+def test_concurrency_fields_are_checked(field: str, bad: float) -> None:
+    with pytest.raises(InvalidSpec) as info:
+        parse_spec({"name": "w", "image": "r/w:1", "type": "web", field: bad})
+    assert field in info.value.fields
+
+
+def test_concurrency_defaults() -> None:
+    spec = parse_spec({"name": "e", "image": "r/e:1"})
+    assert (spec.instance_concurrency, spec.max_concurrency) == (1, 0)
