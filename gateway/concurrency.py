@@ -25,7 +25,11 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
   return 0
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[2])) + 1)
+-- GT: only ever extend, so a short call never expires a longer one's slot.
+redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[2])) + 1, 'GT')
+if redis.call('TTL', KEYS[1]) < 0 then
+  redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[2])) + 1)
+end
 return 1
 """
 

@@ -1,6 +1,7 @@
 """Invocation endpoints: events (``POST /v1/functions/{name}/invoke``) and web requests
 (any method under ``/web/{name}/...``). Both put an invocation on the queue and wait for
-its result up to the function's timeout (plus its init timeout, for a cold start)."""
+its result up to the function's timeout plus, for a cold start, its init timeout and the
+pull timeout (see ``_wait_s``)."""
 
 from __future__ import annotations
 

@@ -40,8 +40,8 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 6 * MiB
-    # Added to a function's timeout (plus its init timeout) while the gateway waits for a
-    # result, to cover queueing and transport.
+    # Added to a function's timeout, init timeout and the pull timeout while the gateway
+    # waits for a result, to cover queueing and transport.
     result_grace_s: float = 5.0
     # How long a gateway may serve a function record from memory; a deploy or delete made
     # through another gateway takes effect here within this time. 0 disables the cache.

@@ -1,10 +1,11 @@
 """A function instance: one container, as an explicit state machine.
 
-    CREATING ─▶ STARTING ─▶ INITIALIZING ─▶ READY ⇄ BUSY
-        │           │              │           │ ▲      │
-        │           │              │           ▼ │      │
-        │           │              │   PAUSING ─▶ PAUSED ─▶ RESUMING ─▶ BUSY
-        └───────────┴──────────────┴───────────┴────────────────────────┴──▶ STOPPING ─▶ GONE
+    CREATING ─▶ STARTING ─▶ INITIALIZING ─▶ READY ⇄ BUSY      (INITIALIZING ─▶ BUSY too:
+                                              │      ▲        the start was for a call)
+                                              ▼      │
+                                           PAUSING ─▶ PAUSED ─▶ RESUMING ─▶ BUSY, or READY
+                                                                          if the caller left
+    every live state ─▶ STOPPING ─▶ GONE
 
 An idle instance is frozen (``docker pause``, the cgroup freezer) after
 ``pause_after_s``: it uses no CPU, keeps its memory, and wakes in milliseconds when an
@@ -52,7 +53,7 @@ ALLOWED: dict[State, frozenset[State]] = {
     State.BUSY: frozenset({State.READY, State.BUSY, State.STOPPING}),
     State.PAUSING: frozenset({State.PAUSED, State.STOPPING}),
     State.PAUSED: frozenset({State.RESUMING, State.STOPPING}),
-    State.RESUMING: frozenset({State.BUSY, State.STOPPING}),
+    State.RESUMING: frozenset({State.BUSY, State.READY, State.STOPPING}),
     State.STOPPING: frozenset({State.GONE}),
     State.GONE: frozenset(),
 }

@@ -393,7 +393,8 @@ class ContainerPool:
             inst.retire("crashed")
             inst.awake.set()
             return
-        inst.transition(State.BUSY)
+        # Whoever reserved it may have given up meanwhile.
+        inst.transition(State.BUSY if inst.inflight > 0 else State.READY)
         inst.awake.set()
         log.info("instance_resumed", seconds=round(time.monotonic() - started, 4))
 

@@ -29,6 +29,7 @@ EXPECTED_ALLOWED: set[tuple[State, State]] = {
     (S.PAUSED, S.RESUMING),
     (S.PAUSED, S.STOPPING),
     (S.RESUMING, S.BUSY),
+    (S.RESUMING, S.READY),
     (S.RESUMING, S.STOPPING),
     (S.BUSY, S.READY),
     (S.BUSY, S.BUSY),

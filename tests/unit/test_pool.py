@@ -857,3 +857,22 @@ async def test_fifth_concurrent_web_request_starts_a_second_instance(kit: PoolKi
     gate.set()
     results = await asyncio.gather(*tasks)
     assert all(r.error is None for r in results)
+
+
+async def test_caller_leaving_during_a_wake_leaves_the_instance_ready(
+    make_pool: Callable[..., PoolKit],
+) -> None:
+    kit = make_pool(pause_after_s=0.05)
+    record = make_record()
+    await kit.pool.invoke(make_invocation(record))
+    [inst] = kit.pool.instances()
+    await eventually(lambda: inst.state is State.PAUSED)
+    kit.runtime.unpause_delay_s = 0.2
+    caller = asyncio.create_task(kit.pool.invoke(make_invocation(record)))
+    await eventually(lambda: inst.state is State.RESUMING)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    # Not stuck BUSY with nothing in flight: idle again, so it can freeze or be evicted.
+    await eventually(lambda: inst.state in (State.READY, State.PAUSING, State.PAUSED))
+    assert inst.inflight == 0
