@@ -83,6 +83,7 @@ class ImageStore:
         self._cached: dict[str, _Cached] = {}
         # Two pulls finishing together must not both collect (and both remove) one image.
         self._gc_lock = asyncio.Lock()
+        self._gc_tasks: set[asyncio.Task[None]] = set()
 
     async def ensure(self, image_ref: str) -> float:
         """Make ``image_ref`` (repository@sha256:...) present; returns seconds spent pulling
@@ -140,10 +141,21 @@ class ImageStore:
             seconds=round(time.monotonic() - started, 3),
             size_mb=round(size / MiB, 1),
         )
+        # Clean up after the caller has its instance, not on its cold-start path.
+        task = asyncio.create_task(self._collect_quietly(), name="image-gc")
+        self._gc_tasks.add(task)
+        task.add_done_callback(self._gc_tasks.discard)
+
+    async def collections_done(self) -> None:
+        """Wait for clean-ups started by pulls (at shutdown, and in tests)."""
+        while self._gc_tasks:
+            await asyncio.gather(*self._gc_tasks, return_exceptions=True)
+
+    async def _collect_quietly(self) -> None:
         try:
             await self.collect_garbage()
         except Exception:
-            # The pull succeeded; a failed clean-up must not fail the invocation.
+            # The pull succeeded; a failed clean-up must not fail anything.
             log.exception("image_collection_failed")
 
     async def collect_garbage(self) -> list[str]:

@@ -41,6 +41,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
             settings.registry,
             in_use=lambda: pool.images_in_use() if pool is not None else set(),
         )
+        # Runs before the engine client closes (exit callbacks run in reverse).
+        stack.push_async_callback(images.collections_done)
         pool = ContainerPool(
             runtime,
             Forwarder(session, settings.worker),

@@ -25,6 +25,7 @@ from shared.settings import WORKER_USER, RegistrySettings, Settings
 from workers.images import ImageStore, TokenSource
 
 from .fakes import FakeRuntime, FakeTokens, PullBehaviour, fake_digest, pull_failure
+from .helpers import eventually
 
 REGISTRY = "registry.test:5000"
 SETTINGS_ = RegistrySettings(address=REGISTRY, pull_timeout_s=2.0, image_cache_mb=1000)
@@ -244,13 +245,16 @@ async def test_least_recently_used_images_go_first_past_the_bound(
 ) -> None:
     kit = make_store(image_cache_mb=250)
     await kit.store.ensure(A)
+    await kit.store.collections_done()
     await kit.store.ensure(B)
     # A is used again (present: no pull), so B is now the least recently used.
     assert await kit.store.ensure(A) == 0.0
     await kit.store.ensure(C)
+    await kit.store.collections_done()
     assert kit.runtime.removed_images == [B]
     assert set(kit.runtime.images) == {A, C}
     await kit.store.ensure(D)
+    await kit.store.collections_done()
     assert kit.runtime.removed_images == [B, A]
     assert set(kit.runtime.images) == {C, D}
 
@@ -258,8 +262,10 @@ async def test_least_recently_used_images_go_first_past_the_bound(
 async def test_images_in_use_are_kept_even_past_the_bound(make_store: Callable[..., Kit]) -> None:
     kit = make_store(image_cache_mb=150)
     await kit.store.ensure(A)
+    await kit.store.collections_done()
     kit.in_use.add(A)
     await kit.store.ensure(B)
+    await kit.store.collections_done()
     # A is the least recently used but an instance runs it; B was just pulled. Both stay,
     # over the bound, until one is free.
     assert kit.runtime.removed_images == []
@@ -274,10 +280,13 @@ async def test_an_image_the_engine_refuses_to_remove_is_skipped(
 ) -> None:
     kit = make_store(image_cache_mb=150)
     await kit.store.ensure(A)
+    await kit.store.collections_done()
     kit.runtime.image_locked.add(A)  # a container still uses it
     await kit.store.ensure(B)
+    await kit.store.collections_done()
     assert kit.runtime.removed_images == []
     await kit.store.ensure(C)
+    await kit.store.collections_done()
     assert kit.runtime.removed_images == [B]
     assert set(kit.runtime.images) == {A, C}
     # Once it can go, the next collection removes it.
@@ -290,9 +299,11 @@ async def test_a_collected_image_is_pulled_again_when_needed(
 ) -> None:
     kit = make_store(image_cache_mb=150)
     await kit.store.ensure(A)
+    await kit.store.collections_done()
     await kit.store.ensure(B)
     assert kit.runtime.removed_images == [A]
     assert await kit.store.ensure(A) > 0
+    await kit.store.collections_done()
     assert [r for r, _ in kit.runtime.pulls] == [A, B, A]
 
 
@@ -322,6 +333,9 @@ async def test_concurrent_collections_do_not_fail_the_pulls(
     kit.runtime.pull_default = PullBehaviour(delay_s=0.01)
     results = await asyncio.gather(kit.store.ensure(B), kit.store.ensure(C))
     assert all(r > 0 for r in results)
+    # Collection runs after the pull, off the caller's path.
+    await eventually(lambda: kit.runtime.removed_images == [A])
+    await asyncio.sleep(0.2)
     assert kit.runtime.removed_images == [A]
 
 
