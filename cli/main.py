@@ -74,9 +74,16 @@ def _loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop]
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> None:
     from gateway.service import serve_gateway
+    from workers.coldstart import serve_coldstart
     from workers.service import serve_worker
 
-    _serve(settings, serve_gateway, serve_worker)
+    _serve(settings, serve_gateway, serve_worker, serve_coldstart)
+
+
+def cmd_coldstart(args: argparse.Namespace, settings: Settings) -> None:
+    from workers.coldstart import serve_coldstart
+
+    _serve(settings, serve_coldstart)
 
 
 def cmd_gateway(args: argparse.Namespace, settings: Settings) -> None:
@@ -260,11 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway", default=None, help=f"gateway URL (default {DEFAULT_GATEWAY})")
     p.add_argument("--timeout", type=float, default=960.0, help="client timeout in seconds")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("up", help="run a gateway and a worker in the foreground").set_defaults(
-        fn=cmd_up
-    )
+    sub.add_parser(
+        "up", help="run a gateway, a worker and a cold-start manager in the foreground"
+    ).set_defaults(fn=cmd_up)
     sub.add_parser("gateway", help="run a gateway in the foreground").set_defaults(fn=cmd_gateway)
     sub.add_parser("worker", help="run a worker in the foreground").set_defaults(fn=cmd_worker)
+    sub.add_parser(
+        "coldstart", help="run a cold-start manager (provisioned instances) in the foreground"
+    ).set_defaults(fn=cmd_coldstart)
     d = sub.add_parser("deploy", help="create or replace a function from a spec file")
     d.add_argument("-f", "--file", required=True, help="function spec, YAML or JSON")
     d.set_defaults(fn=cmd_deploy)

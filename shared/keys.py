@@ -43,9 +43,19 @@ class Keys:
         return f"{self.prefix}:replies:{gateway_id}"
 
     def worker_heartbeat(self, worker_id: str) -> str:
-        """String with a TTL: present while the worker is alive."""
+        """String with a TTL: present while the worker is alive; its value is the worker's
+        inventory (JSON: memory and instances per function version)."""
         return f"{self.prefix}:worker:{worker_id}"
 
     @property
     def worker_heartbeat_pattern(self) -> str:
         return f"{self.prefix}:worker:*"
+
+    def worker_control(self, worker_id: str) -> str:
+        """Stream of desired-state commands for one worker (from the cold-start manager)."""
+        return f"{self.prefix}:control:{worker_id}"
+
+    @property
+    def coldstart_lease(self) -> str:
+        """String with a TTL: the id of the cold-start manager allowed to act."""
+        return f"{self.prefix}:coldstart:lease"

@@ -34,9 +34,18 @@ RANGES: dict[str, tuple[float, float]] = {
     "instance_concurrency": (1, 100),
     # Reserved cap on the function's invocations in flight across the platform; 0: none.
     "max_concurrency": (0, 100_000),
+    # Instances of $LATEST kept ready before any traffic, across the workers; never
+    # reclaimed for idleness.
+    "provisioned_concurrency": (0, 1000),
 }
 INTEGER_FIELDS = frozenset(
-    {"memory_mb", "max_instances", "instance_concurrency", "max_concurrency"}
+    {
+        "memory_mb",
+        "max_instances",
+        "instance_concurrency",
+        "max_concurrency",
+        "provisioned_concurrency",
+    }
 )
 
 
@@ -56,6 +65,7 @@ class FunctionSpec:
     max_instances: int = 10
     instance_concurrency: int = 1
     max_concurrency: int = 0
+    provisioned_concurrency: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -234,4 +244,5 @@ def parse_spec(data: Any) -> FunctionSpec:
         max_instances=int(numbers["max_instances"]),
         instance_concurrency=int(numbers["instance_concurrency"]),
         max_concurrency=int(numbers["max_concurrency"]),
+        provisioned_concurrency=int(numbers["provisioned_concurrency"]),
     )

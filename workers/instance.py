@@ -94,6 +94,9 @@ class Instance:
     # Requests running on this instance now.
     inflight: int = 0
     invocations: int = 0
+    # Kept ready ahead of traffic for the cold-start manager: never frozen or reclaimed
+    # for idleness; replaced when it dies.
+    provisioned: bool = False
     # Why the instance is being retired (idle, crashed, timeout, shutdown, ...).
     retire_reason: str = ""
     start_error: ImagefnError | None = None

@@ -88,6 +88,10 @@ class ContainerPool:
         self._owners: set[asyncio.Task[None]] = set()
         # Functions with invocations waiting for memory, and how many.
         self._memory_waiters: dict[str, int] = {}
+        # The cold-start manager's desired provisioned instances, and start-failure backoff.
+        self._provision_targets: dict[tuple[str, int], tuple[FunctionRecord, int]] = {}
+        self._provision_failures: dict[tuple[str, int], int] = {}
+        self._provision_retry_at: dict[tuple[str, int], float] = {}
         self._closing = False
 
     # -- queries ---------------------------------------------------------------------------
@@ -305,8 +309,15 @@ class ContainerPool:
 
     # -- instance lifecycle ----------------------------------------------------------------
 
-    def _spawn(self, record: FunctionRecord) -> Instance:
-        inst = Instance(id=uuid.uuid4().hex[:12], record=record, inflight=1)
+    def _spawn(
+        self, record: FunctionRecord, *, reserved: bool = True, provisioned: bool = False
+    ) -> Instance:
+        inst = Instance(
+            id=uuid.uuid4().hex[:12],
+            record=record,
+            inflight=1 if reserved else 0,
+            provisioned=provisioned,
+        )
         self._instances[inst.id] = inst
         # A fresh context: the owner outlives the invocation that caused it, and its log
         # lines must not carry that invocation's request id.
@@ -347,6 +358,12 @@ class ContainerPool:
         idle_ttl_s = inst.record.spec.idle_ttl_s
         pause_after_s = self._settings.pause_after_s
         while True:
+            if inst.provisioned:
+                # Ready before traffic means ready: no freezing, no idle reclaim.
+                idle_ttl_s, pause_after_s = float("inf"), 0.0
+            else:
+                idle_ttl_s = inst.record.spec.idle_ttl_s
+                pause_after_s = self._settings.pause_after_s
             inst.wakeup.clear()
             if self._closing and inst.inflight == 0:
                 inst.retire("shutdown")
@@ -441,6 +458,8 @@ class ContainerPool:
         )
         await self._wait_ready(inst)
         inst.start_timings["ready"] = time.monotonic() - t3
+        if inst.provisioned:
+            self._provision_failures.pop((inst.function, inst.record.version), None)
         # Reserved for the invocation that caused the start, unless it gave up meanwhile.
         inst.transition(State.BUSY if inst.inflight > 0 else State.READY)
         inst.awake.set()
@@ -522,6 +541,79 @@ class ContainerPool:
         self._instances.pop(inst.id, None)
         log.info("instance_removed", reason=reason, invocations=inst.invocations)
         await self._wake_waiters(inst.function, everyone=True)
+        if inst.provisioned and not self._closing:
+            if inst.start_error is not None:
+                self._provision_failed(inst.record)
+            self.reconcile_provisioned()
+
+    # -- provisioned instances ---------------------------------------------------------------
+
+    def set_provisioned(self, targets: dict[tuple[str, int], tuple[FunctionRecord, int]]) -> None:
+        """The cold-start manager's desired state for this worker: (function, version) →
+        (record, instances to keep ready). Absent keys want none."""
+        self._provision_targets = dict(targets)
+        for inst in self._instances.values():
+            key = (inst.function, inst.record.version)
+            if inst.provisioned and key not in self._provision_targets:
+                # No longer wanted ahead of traffic: an ordinary instance from now on,
+                # which idles out by its TTL.
+                inst.provisioned = False
+                inst.wakeup.set()
+        self.reconcile_provisioned()
+
+    def reconcile_provisioned(self) -> None:
+        """Start missing provisioned instances, demote surplus ones (idempotent)."""
+        if self._closing:
+            return
+        now = time.monotonic()
+        for key, (record, want) in self._provision_targets.items():
+            have = [
+                i
+                for i in self._instances.values()
+                if i.provisioned
+                and (i.function, i.record.version) == key
+                and i.live
+                and not i.retire_reason
+            ]
+            for surplus in sorted(have, key=lambda i: i.inflight)[want:]:
+                surplus.provisioned = False
+                surplus.wakeup.set()
+            missing = want - len(have)
+            if missing > 0 and self._provision_retry_at.get(key, 0.0) <= now:
+                for _ in range(missing):
+                    self._spawn(record, reserved=False, provisioned=True)
+                log.info("provisioning", function=key[0], version=key[1], starting=missing)
+
+    def _provision_failed(self, record: FunctionRecord) -> None:
+        # A provisioned instance that cannot start must not be restarted in a tight loop.
+        key = (record.spec.name, record.version)
+        fails = self._provision_failures.get(key, 0) + 1
+        self._provision_failures[key] = fails
+        self._provision_retry_at[key] = time.monotonic() + min(60.0, 2.0 ** (fails - 1))
+
+    def inventory(self) -> dict[str, dict[str, int]]:
+        """Per function version: instances by state, and how many are provisioned."""
+        out: dict[str, dict[str, int]] = {}
+        for inst in self._instances.values():
+            if not inst.live:
+                continue
+            entry = out.setdefault(
+                f"{inst.function}@{inst.record.version}",
+                {"ready": 0, "busy": 0, "paused": 0, "starting": 0, "provisioned": 0},
+            )
+            if inst.state is State.READY:
+                entry["ready"] += 1
+            elif inst.state is State.BUSY:
+                entry["busy"] += 1
+            elif inst.state in ASLEEP_STATES:
+                entry["paused"] += 1
+            else:
+                entry["starting"] += 1
+            entry["provisioned"] += int(inst.provisioned)
+        return out
+
+    def memory_used_mb(self) -> int:
+        return sum(i.memory_mb for i in self._instances.values() if i.live)
 
     # -- signals from outside --------------------------------------------------------------
 

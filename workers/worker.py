@@ -18,19 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from shared.errors import InternalError
+from shared.errors import ImagefnError, InternalError
 from shared.keys import Keys
 from shared.messages import InvocationResult
 from shared.queue.base import Delivery, InvocationQueue
 from shared.queue.redis_streams import MAX_ATTEMPTS
+from shared.registry import FunctionRegistry
 from shared.settings import Settings
+from shared.spec import FunctionRecord
 from workers.pool import ContainerPool
 from workers.runtime import LABEL_INSTALLATION, LABEL_WORKER, ContainerRuntime
 
@@ -62,6 +66,10 @@ class Worker:
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
+        self._registry = FunctionRegistry(redis, self._keys)
+        # The cold-start manager's last command ("name@version" → instances), echoed in
+        # the heartbeat so it can tell whether this worker has it.
+        self._desired: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -89,6 +97,7 @@ class Worker:
                 name="worker-janitor",
             ),
             asyncio.create_task(self._watch_deaths(), name="worker-deaths"),
+            asyncio.create_task(self._follow_control(), name="worker-control"),
         ]
         log.info("worker_ready", worker=self.worker_id)
         await self._stopping.wait()
@@ -235,11 +244,61 @@ class Worker:
                 log.warning("periodic_task_failed", task=fn.__name__, error=str(e))
 
     async def _heartbeat_once(self) -> None:
+        # The heartbeat carries the inventory the cold-start manager plans with.
+        self._pool.reconcile_provisioned()
+        inventory = {
+            "worker": self.worker_id,
+            "ts": time.time(),
+            "memory_capacity_mb": self._ws.memory_capacity_mb,
+            "memory_used_mb": self._pool.memory_used_mb(),
+            "functions": self._pool.inventory(),
+            "desired": self._desired,
+        }
         await self._redis.set(
             self._keys.worker_heartbeat(self.worker_id),
-            str(time.time()),
+            json.dumps(inventory, separators=(",", ":")),
             px=int(self._ws.heartbeat_ttl_s * 1000),
         )
+
+    async def _follow_control(self) -> None:
+        """Apply the cold-start manager's desired state for this worker: the newest
+        command on start, then each new one."""
+        stream = self._keys.worker_control(self.worker_id)
+        last: Any = await self._redis.xrevrange(stream, count=1)
+        last_id: Any = "$"
+        if last:
+            last_id = last[0][0]
+            await self._apply_control(last[0][1])
+        while True:
+            try:
+                resp: Any = await self._redis.xread({stream: last_id}, block=2000)
+            except RedisError as e:
+                log.warning("control_read_failed", error=str(e))
+                await asyncio.sleep(1)
+                continue
+            for _s, entries in resp or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    await self._apply_control(fields)
+
+    async def _apply_control(self, fields: Any) -> None:
+        try:
+            desired = {str(k): int(v) for k, v in json.loads(fields[b"targets"]).items()}
+        except (KeyError, ValueError, TypeError) as e:
+            log.error("control_undecodable", error=str(e))
+            return
+        targets: dict[tuple[str, int], tuple[FunctionRecord, int]] = {}
+        for key, count in desired.items():
+            name, _, version = key.rpartition("@")
+            try:
+                record = await self._registry.resolve(name, version)
+            except ImagefnError as e:
+                log.warning("provision_target_unknown", target=key, error=e.message)
+                continue
+            targets[(name, record.version)] = (record, count)
+        self._desired = desired
+        log.info("provisioning_targets", targets=desired)
+        self._pool.set_provisioned(targets)
 
     async def _remove_orphans(self, include_own: bool = False) -> None:
         """Remove containers of workers that no longer exist (their heartbeat is gone)."""

@@ -228,14 +228,17 @@ def platform_env(redis_url: str, prefix: str, registry: RegistryInfo) -> dict[st
 
 
 class WorkerProcess:
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+    """An ``imagefn worker`` (or, with command="coldstart", a cold-start manager)."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, command: str = "worker") -> None:
+        self.command = command
         self.worker_id = f"it-{uuid.uuid4().hex[:8]}"
         STARTED_WORKERS.append(self.worker_id)
         self.log_path = log_dir / f"{self.worker_id}.log"
         full_env = {**os.environ, **env, "IMAGEFN_WORKER_ID": self.worker_id}
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "worker"],
+            [sys.executable, "-m", "cli.main", command],
             env=full_env,
             cwd=REPO,
             stdout=self._log,
@@ -247,7 +250,8 @@ class WorkerProcess:
 
     async def wait_ready(self, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s
-        while "worker_ready" not in self.log_text():
+        ready = "worker_ready" if self.command == "worker" else "coldstart_started"
+        while ready not in self.log_text():
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker exited early:\n{self.log_text()[-3000:]}")
             if time.monotonic() > deadline:
@@ -278,12 +282,19 @@ class Platform:
     prefix: str
     log_dir: Path
     workers: list[WorkerProcess] = field(default_factory=list)
+    managers: list[WorkerProcess] = field(default_factory=list)
 
     async def add_worker(self) -> WorkerProcess:
         w = WorkerProcess(self.env, self.log_dir)
         self.workers.append(w)
         await w.wait_ready()
         return w
+
+    async def add_coldstart(self) -> WorkerProcess:
+        m = WorkerProcess(self.env, self.log_dir, command="coldstart")
+        self.managers.append(m)
+        await m.wait_ready()
+        return m
 
     async def deploy(self, client: aiohttp.ClientSession, name: str, **spec: Any) -> dict[str, Any]:
         body = {"image": TESTFN, **spec}
@@ -331,6 +342,8 @@ async def running_platform(
             await platform.add_worker()
         yield platform
     finally:
+        for m in platform.managers:
+            await m.stop()
         for w in platform.workers:
             await w.stop()
         await runner.cleanup()

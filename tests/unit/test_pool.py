@@ -876,3 +876,53 @@ async def test_caller_leaving_during_a_wake_leaves_the_instance_ready(
     # Not stuck BUSY with nothing in flight: idle again, so it can freeze or be evicted.
     await eventually(lambda: inst.state in (State.READY, State.PAUSING, State.PAUSED))
     assert inst.inflight == 0
+
+
+# -- provisioned instances -----------------------------------------------------------------
+
+
+async def test_provisioned_instances_start_before_traffic_and_are_kept(
+    make_pool: Callable[..., PoolKit],
+) -> None:
+    kit = make_pool(pause_after_s=0.05)
+    record = make_record(idle_ttl_s=0.2)
+    kit.pool.set_provisioned({(record.spec.name, record.version): (record, 3)})
+    await eventually(lambda: [i.state for i in kit.pool.instances()] == [State.READY] * 3)
+    await asyncio.sleep(0.4)  # past the idle TTL and the pause delay
+    assert [i.state for i in kit.pool.instances()] == [State.READY] * 3
+    assert kit.runtime.pauses == []
+    results = await asyncio.gather(*(kit.pool.invoke(make_invocation(record)) for _ in range(3)))
+    assert [r.cold_start for r in results] == [False, False, False]
+    assert kit.pool.inventory()[f"{record.spec.name}@{record.version}"]["provisioned"] == 3
+
+
+async def test_a_dead_provisioned_instance_is_replaced(kit: PoolKit) -> None:
+    record = make_record()
+    kit.pool.set_provisioned({(record.spec.name, record.version): (record, 1)})
+    await eventually(lambda: [i.state for i in kit.pool.instances()] == [State.READY])
+    [cid] = kit.runtime.containers
+    await kit.runtime.exit(cid, 137)
+    kit.pool.container_died(cid)
+    await eventually(lambda: len(kit.runtime.containers) == 2)
+    await eventually(lambda: [i.state for i in kit.pool.instances()] == [State.READY])
+
+
+async def test_unwanted_provisioned_instances_become_ordinary_and_idle_out(
+    kit: PoolKit,
+) -> None:
+    record = make_record(idle_ttl_s=0.2)
+    kit.pool.set_provisioned({(record.spec.name, record.version): (record, 2)})
+    await eventually(lambda: len(kit.pool.instances()) == 2)
+    kit.pool.set_provisioned({})
+    await eventually(lambda: kit.pool.instances() == [], timeout_s=3)
+
+
+async def test_a_provisioned_instance_that_cannot_start_is_retried_with_backoff(
+    kit: PoolKit,
+) -> None:
+    kit.runtime.default = Behaviour(start_error=lambda: ContainerInitError("bad command"))
+    record = make_record()
+    kit.pool.set_provisioned({(record.spec.name, record.version): (record, 1)})
+    await asyncio.sleep(0.5)
+    # Not a tight loop: the first failure waits 1 s before the next attempt.
+    assert len(kit.runtime.containers) <= 2

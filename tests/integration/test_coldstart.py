@@ -1,0 +1,92 @@
+"""Provisioned concurrency through the cold-start manager: instances ready before traffic,
+replaced when killed, and one acting manager at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+
+from tests.integration.conftest import RegistryInfo, docker, running_platform, unique
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+def running(function: str) -> list[str]:
+    out = docker("ps", "-q", "--filter", f"label=imagefn.function={function}").stdout
+    return out.split()
+
+
+def ready_by_http(function: str) -> int:
+    """Containers of the function that answer on their published port."""
+    count = 0
+    for cid in running(function):
+        info = json.loads(docker("inspect", cid).stdout)[0]
+        if info["State"]["Running"] and not info["State"]["Paused"]:
+            count += 1
+    return count
+
+
+async def test_provisioned_instances_are_ready_before_traffic_and_come_back(
+    redis_url: str,
+    log_dir: Path,
+    registry: RegistryInfo,
+    pushed_images: None,
+    client: aiohttp.ClientSession,
+) -> None:
+    async with running_platform(redis_url, log_dir, registry, workers=1) as p:
+        manager = await p.add_coldstart()
+        name = unique("prov")
+        await p.deploy(client, name, provisioned_concurrency=3, max_instances=5, timeout_s=10)
+        await wait_for(lambda: ready_by_http(name) == 3, 60, "3 provisioned instances")
+        await asyncio.sleep(1.0)  # let them finish starting
+        results = await asyncio.gather(*(p.invoke(client, name, {"sleep": 0.3}) for _ in range(3)))
+        assert [s for s, _, _ in results] == [200, 200, 200]
+        assert [h["X-Imagefn-Cold-Start"] for _, h, _ in results] == ["false"] * 3
+        assert len({h["X-Imagefn-Instance"] for _, h, _ in results}) == 3
+
+        victim = running(name)[0]
+        docker("kill", victim)
+        await wait_for(
+            lambda: victim not in running(name) and ready_by_http(name) == 3,
+            60,
+            "the killed provisioned instance to be replaced",
+        )
+        assert "coldstart_sent" in manager.log_text()
+
+
+async def test_only_one_manager_acts_and_another_takes_over(
+    redis_url: str,
+    log_dir: Path,
+    registry: RegistryInfo,
+    pushed_images: None,
+    client: aiohttp.ClientSession,
+) -> None:
+    async with running_platform(redis_url, log_dir, registry, workers=1) as p:
+        first = await p.add_coldstart()
+        second = await p.add_coldstart()
+
+        def leader(m: object) -> bool:
+            text = m.log_text()  # type: ignore[attr-defined]
+            return '"leader": true' in text
+
+        await wait_for(lambda: leader(first) or leader(second), 15, "a leader")
+        await asyncio.sleep(2)
+        assert leader(first) != leader(second), "exactly one manager holds the lease"
+        acting, standby = (first, second) if leader(first) else (second, first)
+        acting.kill()
+        await wait_for(lambda: leader(standby), 15, "the standby to take over")
+        # It acts: a new function's provisioned instance appears.
+        name = unique("takeover")
+        await p.deploy(client, name, provisioned_concurrency=1)
+        await wait_for(lambda: ready_by_http(name) == 1, 60, "the provisioned instance")

@@ -1,0 +1,145 @@
+"""The cold-start manager (``imagefn coldstart``; ``imagefn up`` runs one too).
+
+Every tick it reads the targets (functions with ``provisioned_concurrency``, on their
+$LATEST version) and the live workers' inventories (their heartbeats), plans where
+provisioned instances go (``workers.placement``), and sends each worker whose desired
+state differs its full desired state on its control stream. Workers start, keep and
+replace the instances themselves; a dead worker's share is placed elsewhere on the next
+tick because its heartbeat is gone.
+
+Several managers may run; only the holder of a Redis lease acts, and a dead holder's lease
+lapses within ``lease_ttl_s`` so another takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from shared.keys import Keys
+from shared.registry import FunctionRegistry
+from shared.settings import Settings
+from workers.placement import WorkerView, plan_provisioning
+
+log = structlog.get_logger("imagefn.coldstart")
+
+TICK_S = 1.0
+LEASE_TTL_MS = 5000
+# Extend the lease only if we still hold it (compare and extend, atomically).
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+CONTROL_MAXLEN = 100
+RESEND_AFTER_S = 5.0
+
+
+class ColdStartManager:
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self._r = redis
+        self._keys = Keys(settings.queue.prefix)
+        self._registry = FunctionRegistry(redis, self._keys)
+        self.id = uuid.uuid4().hex[:12]
+        self._leader = False
+        # What was last sent to each worker, and when: resent only if the worker's
+        # heartbeat still disagrees a while later (it was lost, or the worker restarted).
+        self._sent: dict[str, tuple[dict[str, int], float]] = {}
+        self._renew = redis.register_script(_RENEW)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("coldstart_started", manager=self.id)
+        while not stop.is_set():
+            try:
+                if await self._hold_lease():
+                    await self.reconcile()
+            except RedisError as e:
+                log.warning("coldstart_tick_failed", error=str(e))
+            try:
+                await asyncio.wait_for(stop.wait(), TICK_S)
+            except TimeoutError:
+                pass
+        if self._leader:
+            # Hand over at once rather than after the lease lapses.
+            await self._r.eval(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                "return redis.call('DEL', KEYS[1]) end return 0",
+                1,
+                self._keys.coldstart_lease,
+                self.id,
+            )
+        log.info("coldstart_stopped", manager=self.id)
+
+    async def _hold_lease(self) -> bool:
+        key = self._keys.coldstart_lease
+        got = await self._r.set(key, self.id, nx=True, px=LEASE_TTL_MS)
+        if not got:
+            got = bool(await self._renew(keys=[key], args=[self.id, LEASE_TTL_MS]))
+        if bool(got) != self._leader:
+            self._leader = bool(got)
+            log.info("coldstart_lease", manager=self.id, leader=self._leader)
+        return self._leader
+
+    async def _workers(self) -> list[tuple[WorkerView, dict[str, int]]]:
+        out: list[tuple[WorkerView, dict[str, int]]] = []
+        async for key in self._r.scan_iter(self._keys.worker_heartbeat_pattern):
+            raw = await self._r.get(key)
+            if raw is None:
+                continue
+            try:
+                inv: dict[str, Any] = json.loads(raw)
+                view = WorkerView(
+                    id=str(inv["worker"]),
+                    memory_capacity_mb=int(inv["memory_capacity_mb"]),
+                    memory_used_mb=int(inv["memory_used_mb"]),
+                    provisioned={
+                        k: int(v.get("provisioned", 0)) for k, v in inv["functions"].items()
+                    },
+                )
+                desired = {str(k): int(v) for k, v in inv.get("desired", {}).items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # an older worker's plain heartbeat: it cannot take commands
+            out.append((view, desired))
+        return out
+
+    async def reconcile(self) -> dict[str, dict[str, int]]:
+        targets: dict[str, int] = {}
+        memory: dict[str, int] = {}
+        for record in await self._registry.list():
+            n = record.spec.provisioned_concurrency
+            if n > 0:
+                key = f"{record.spec.name}@{record.version}"
+                targets[key] = n
+                memory[key] = record.spec.memory_mb
+        workers = await self._workers()
+        plan = plan_provisioning(targets, memory, [w for w, _ in workers])
+        now = asyncio.get_running_loop().time()
+        for view, desired in workers:
+            want = plan.get(view.id, {})
+            last = self._sent.get(view.id)
+            recently = last is not None and last[0] == want and now - last[1] < RESEND_AFTER_S
+            if want != desired and not recently:
+                self._sent[view.id] = (want, now)
+                await self._r.xadd(
+                    self._keys.worker_control(view.id),
+                    {"targets": json.dumps(want, sort_keys=True)},
+                    maxlen=CONTROL_MAXLEN,
+                    approximate=True,
+                )
+                log.info("coldstart_sent", worker=view.id, targets=want)
+        return plan
+
+
+async def serve_coldstart(settings: Settings, stop: asyncio.Event) -> None:
+    redis = aioredis.Redis.from_url(settings.redis.url)
+    try:
+        await ColdStartManager(redis, settings).run(stop)
+    finally:
+        await redis.aclose()
