@@ -26,11 +26,13 @@ from gateway.context import (
     REDIS,
     REGISTRY,
     REQUEST_ID,
+    ROUTER,
     SETTINGS,
     TOKENS,
 )
 from gateway.errors import Handler, error_response, http_exception_to_error, log
 from gateway.images import ImageResolver, RegistryImageResolver, UncheckedImageResolver
+from gateway.routing import WarmRouter
 from gateway.tokens import REPOSITORY, Access, TokenIssuer
 from shared.errors import ImagefnError, InternalError, ServiceUnavailable
 from shared.http import REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER
@@ -111,7 +113,11 @@ def build_app(
         q = queue or RedisStreamsQueue(app[REDIS], settings.queue)
         await q.open()
         app[QUEUE] = q
+        router = WarmRouter(app[REDIS], Keys(settings.queue.prefix))
+        await router.start()
+        app[ROUTER] = router
         yield
+        await router.close()
         await q.close()
 
     async def images_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from gateway.concurrency import ConcurrencyLimiter
 from gateway.images import ImageResolver
+from gateway.routing import WarmRouter
 from gateway.tokens import TokenIssuer
 from shared.queue.base import InvocationQueue
 from shared.registry import FunctionRegistry
@@ -24,3 +25,4 @@ TOKENS = web.AppKey("tokens", TokenIssuer)
 # The request id of the request being handled (set by the request_context middleware).
 REQUEST_ID = web.RequestKey("request_id", str)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
+ROUTER = web.AppKey("router", WarmRouter)

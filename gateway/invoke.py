@@ -11,7 +11,7 @@ import time
 import structlog
 from aiohttp import web
 
-from gateway.context import LIMITER, QUEUE, REGISTRY, REQUEST_ID, SETTINGS
+from gateway.context import LIMITER, QUEUE, REGISTRY, REQUEST_ID, ROUTER, SETTINGS
 from shared.errors import FunctionTimeout, InvalidRequest, error_from_dict
 from shared.http import REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER, strip_hop_by_hop
 from shared.messages import Invocation, InvocationResult
@@ -47,8 +47,9 @@ async def _call(request: web.Request, inv: Invocation, wait_s: float) -> Invocat
     slot = ""
     if limit:
         slot = await request.app[LIMITER].acquire(inv.function, limit, inv.deadline)
+    worker = request.app[ROUTER].route(inv.function, inv.record.version)
     try:
-        result = await request.app[QUEUE].call(inv, wait_s)
+        result = await request.app[QUEUE].call(inv, wait_s, worker)
     finally:
         if slot:
             await request.app[LIMITER].release(inv.function, slot)

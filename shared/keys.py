@@ -36,6 +36,14 @@ class Keys:
         """Stream of pending invocations, read by the ``workers`` consumer group."""
         return f"{self.prefix}:invocations"
 
+    def worker_invocations(self, worker_id: str) -> str:
+        """Stream of invocations routed to one worker (it holds a warm instance)."""
+        return f"{self.prefix}:invocations:w:{worker_id}"
+
+    @property
+    def worker_invocations_pattern(self) -> str:
+        return f"{self.prefix}:invocations:w:*"
+
     workers_group = "workers"
 
     def replies(self, gateway_id: str) -> str:

@@ -13,6 +13,9 @@ implements ``InvocationQueue`` and keeps these promises:
 * ``finish`` delivers the result to the invocation's ``reply_to`` (if any) *before* the
   invocation is acknowledged, so a crash between the two redelivers rather than loses.
 * ``call`` publishes and waits for the result; ``None`` means no result arrived in time.
+* ``publish``/``call`` may name a ``worker``: the invocation is then meant for that worker
+  (it holds a warm instance), which takes it before shared work; if that worker dies, a
+  live one takes it over like any other claim.
 
 Callers never see backend types: only ``Invocation``, ``InvocationResult`` and
 ``Delivery``.
@@ -47,7 +50,9 @@ class InvocationQueue(ABC):
     def __init__(self) -> None:
         self._waiters: dict[str, asyncio.Future[InvocationResult]] = {}
 
-    async def call(self, invocation: Invocation, timeout_s: float) -> InvocationResult | None:
+    async def call(
+        self, invocation: Invocation, timeout_s: float, worker: str | None = None
+    ) -> InvocationResult | None:
         """Publish ``invocation`` (whose reply_to is ``reply_address()``) and wait for its
         result up to ``timeout_s``; None when none arrived in time."""
         await self._before_call()
@@ -58,7 +63,7 @@ class InvocationQueue(ABC):
         # Register before publishing: a fast worker may answer before publish returns.
         self._waiters[call_id] = fut
         try:
-            await self.publish(replace(invocation, call_id=call_id))
+            await self.publish(replace(invocation, call_id=call_id), worker)
             return await asyncio.wait_for(fut, timeout_s)
         except TimeoutError:
             return None
@@ -91,7 +96,7 @@ class InvocationQueue(ABC):
     # -- producer side (gateways) ----------------------------------------------------------
 
     @abstractmethod
-    async def publish(self, invocation: Invocation) -> None:
+    async def publish(self, invocation: Invocation, worker: str | None = None) -> None:
         """Accept an invocation durably; nobody waits for its result here."""
 
     @abstractmethod

@@ -39,7 +39,8 @@ class MemoryQueue(InvocationQueue):
     async def close(self) -> None:
         self._cancel_waiters()
 
-    async def publish(self, invocation: Invocation) -> None:
+    async def publish(self, invocation: Invocation, worker: str | None = None) -> None:
+        # One process: every consumer is "the" worker, so the target changes nothing.
         await self._new.put((str(next(self._ids)), invocation))
 
     def reply_address(self) -> str:

@@ -63,25 +63,24 @@ class RedisStreamsQueue(InvocationQueue):
         self._reply_key = self._keys.replies(self._gateway_id)
         super().__init__()
         self._reader: asyncio.Task[None] | None = None
-        self._group_ready = False
+        # Streams whose consumer group this process has made sure of.
+        self._groups: set[str] = set()
         self._closed = False
-        self._reclaim_cursor = "0-0"
+        self._reclaim_cursors: dict[str, str] = {}
 
     async def open(self) -> None:
-        await self._ensure_group()
+        await self._ensure_group(self._keys.invocations)
 
-    async def _ensure_group(self) -> None:
-        if self._group_ready:
+    async def _ensure_group(self, stream: str) -> None:
+        if stream in self._groups:
             return
         try:
             # Start at 0 so invocations published before any worker existed are still run.
-            await self._r.xgroup_create(
-                self._keys.invocations, self._keys.workers_group, id="0", mkstream=True
-            )
+            await self._r.xgroup_create(stream, self._keys.workers_group, id="0", mkstream=True)
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
-        self._group_ready = True
+        self._groups.add(stream)
 
     async def close(self) -> None:
         self._closed = True
@@ -94,9 +93,10 @@ class RedisStreamsQueue(InvocationQueue):
 
     # -- producer side -------------------------------------------------------------------
 
-    async def publish(self, invocation: Invocation) -> None:
+    async def publish(self, invocation: Invocation, worker: str | None = None) -> None:
+        stream = self._keys.worker_invocations(worker) if worker else self._keys.invocations
         try:
-            await self._r.xadd(self._keys.invocations, invocation.encode())  # type: ignore[arg-type]
+            await self._r.xadd(stream, invocation.encode())  # type: ignore[arg-type]
         except RedisError as e:
             raise ServiceUnavailable(f"queue unavailable: {e}") from e
 
@@ -145,101 +145,161 @@ class RedisStreamsQueue(InvocationQueue):
                     await self._r.xtrim(self._reply_key, minid=last_id)
 
     # -- consumer side -------------------------------------------------------------------
+    #
+    # A receipt is "<stream> <entry id>": entries come from the shared stream, from the
+    # consumer's own stream, or from a dead worker's stream it adopted.
 
-    def _delivery(self, entry_id: Any, fields: dict[bytes, bytes], attempt: int) -> Delivery:
-        receipt = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        return Delivery(Invocation.decode(fields), receipt=receipt, attempt=attempt)
+    @staticmethod
+    def _receipt(stream: str, entry_id: Any) -> str:
+        return f"{stream} {entry_id.decode() if isinstance(entry_id, bytes) else entry_id}"
+
+    @staticmethod
+    def _split(receipt: str) -> tuple[str, str]:
+        stream, _, entry_id = receipt.rpartition(" ")
+        return stream, entry_id
 
     async def consume(self, consumer: str, max_count: int, block_s: float) -> list[Delivery]:
-        await self._ensure_group()
+        own = self._keys.worker_invocations(consumer)
+        # Its own stream first: work routed here because this worker holds warm instances.
+        streams = {own: ">", self._keys.invocations: ">"}
+        for stream in streams:
+            await self._ensure_group(stream)
         try:
             resp = await self._r.xreadgroup(
                 self._keys.workers_group,
                 consumer,
-                {self._keys.invocations: ">"},
+                streams,  # type: ignore[arg-type]
                 count=max_count,
                 block=max(1, int(block_s * 1000)),
             )
         except ResponseError as e:
             self._forget_group_if_gone(e)
             raise
+        return await self._deliveries(resp, attempt=1)
+
+    async def _deliveries(self, resp: Any, attempt: int | None) -> list[Delivery]:
         out: list[Delivery] = []
-        for _stream, entries in _stream_entries(resp):
+        for stream, entries in _stream_entries(resp):
+            name = stream.decode() if isinstance(stream, bytes) else str(stream)
             for entry_id, fields in entries:
-                delivery = await self._decode_or_drop(entry_id, fields, 1)
+                receipt = self._receipt(name, entry_id)
+                n = attempt if attempt is not None else await self._attempts(receipt)
+                delivery = await self._decode_or_drop(receipt, fields, n)
                 if delivery is not None:
                     out.append(delivery)
         return out
 
     def _forget_group_if_gone(self, e: ResponseError) -> None:
-        # Redis lost the group (restarted without persistence, or the key was deleted):
-        # recreate it on the next call instead of failing forever.
+        # Redis lost a group (restarted without persistence, or the key was deleted):
+        # recreate them on the next call instead of failing forever.
         if "NOGROUP" in str(e):
-            self._group_ready = False
+            self._groups.clear()
 
     async def _decode_or_drop(
-        self, entry_id: Any, fields: dict[bytes, bytes] | None, attempt: int
+        self, receipt: str, fields: dict[bytes, bytes] | None, attempt: int
     ) -> Delivery | None:
         if not fields:
             return None
         try:
-            return self._delivery(entry_id, fields, attempt)
+            return Delivery(Invocation.decode(fields), receipt=receipt, attempt=attempt)
         except (KeyError, ValueError, TypeError) as e:
             # Nobody can ever run an entry we cannot decode; keeping it would only make
             # every worker trip over it again.
-            log.error("invocation_undecodable", entry=str(entry_id), error=str(e))
-            await self._ack(str(entry_id.decode() if isinstance(entry_id, bytes) else entry_id))
+            log.error("invocation_undecodable", entry=receipt, error=str(e))
+            await self._ack(receipt)
             return None
 
     async def reclaim(self, consumer: str, max_count: int) -> list[Delivery]:
-        await self._ensure_group()
+        """Claims idle past ``reclaim_idle_ms`` on the shared and own streams, and the
+        whole stream of any worker whose heartbeat is gone (adopted, then deleted)."""
+        out: list[Delivery] = []
+        for stream in (self._keys.invocations, self._keys.worker_invocations(consumer)):
+            out += await self._autoclaim(stream, consumer, max_count - len(out))
+            if len(out) >= max_count:
+                return out
+        async for key in self._r.scan_iter(self._keys.worker_invocations_pattern):
+            stream = key.decode() if isinstance(key, bytes) else str(key)
+            owner = stream.rsplit(":", 1)[1]
+            if owner == consumer or await self._r.exists(self._keys.worker_heartbeat(owner)):
+                continue
+            out += await self._adopt(stream, consumer, max_count - len(out))
+            if len(out) >= max_count:
+                break
+        return out
+
+    async def _autoclaim(self, stream: str, consumer: str, max_count: int) -> list[Delivery]:
+        if max_count <= 0:
+            return []
+        await self._ensure_group(stream)
         out: list[Delivery] = []
         # XAUTOCLAIM scans the pending list in pages; keep the cursor across calls so that
         # entries far down a long list of live claims are reached too.
         for _ in range(RECLAIM_PAGES_PER_CALL):
             try:
                 resp = await self._r.xautoclaim(
-                    self._keys.invocations,
+                    stream,
                     self._keys.workers_group,
                     consumer,
                     min_idle_time=self._s.reclaim_idle_ms,
-                    start_id=self._reclaim_cursor,
+                    start_id=self._reclaim_cursors.get(stream, "0-0"),
                     count=max_count - len(out),
                 )
             except ResponseError as e:
                 self._forget_group_if_gone(e)
                 raise
-            cursor, entries = resp[0], resp[1]
-            self._reclaim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-            for entry_id, fields in entries:
-                attempt = await self._attempts(entry_id)
-                delivery = await self._decode_or_drop(entry_id, fields, attempt)
-                if delivery is not None:
-                    out.append(delivery)
-            if self._reclaim_cursor == "0-0" or len(out) >= max_count:
+            raw_cursor, entries = resp[0], resp[1]
+            cursor = raw_cursor.decode() if isinstance(raw_cursor, bytes) else str(raw_cursor)
+            self._reclaim_cursors[stream] = cursor
+            out += await self._deliveries([(stream, entries)], attempt=None)
+            if cursor == "0-0" or len(out) >= max_count:
                 break
         return out
 
-    async def _attempts(self, entry_id: Any) -> int:
+    async def _adopt(self, stream: str, consumer: str, max_count: int) -> list[Delivery]:
+        """Take over a dead worker's stream: what it never read, then what it held."""
+        if max_count <= 0:
+            return []
+        self._groups.discard(stream)  # it may have been recreated without a group
+        await self._ensure_group(stream)
+        resp = await self._r.xreadgroup(
+            self._keys.workers_group, consumer, {stream: ">"}, count=max_count
+        )
+        out = await self._deliveries(resp, attempt=1)
+        out += await self._autoclaim(stream, consumer, max_count - len(out))
+        if not out and not await self._r.xlen(stream):
+            # Empty and owned by nobody alive: remove it (a late XADD recreates it, and the
+            # next pass adopts that too).
+            await self._r.delete(stream)
+            self._groups.discard(stream)
+            self._reclaim_cursors.pop(stream, None)
+            log.info("worker_stream_adopted", stream=stream)
+        return out
+
+    async def _attempts(self, receipt: str) -> int:
+        stream, entry_id = self._split(receipt)
         pending = await self._r.xpending_range(
-            self._keys.invocations, self._keys.workers_group, entry_id, entry_id, 1
+            stream, self._keys.workers_group, entry_id, entry_id, 1
         )
         return int(pending[0]["times_delivered"]) if pending else 1
 
     async def keep_alive(self, consumer: str, deliveries: list[Delivery]) -> None:
-        if not deliveries:
-            return
-        await self._r.xclaim(
-            self._keys.invocations,
-            self._keys.workers_group,
-            consumer,
-            min_idle_time=0,
-            message_ids=[d.receipt for d in deliveries],
-            justid=True,
-        )
+        by_stream: dict[str, list[str]] = {}
+        for d in deliveries:
+            stream, entry_id = self._split(d.receipt)
+            by_stream.setdefault(stream, []).append(entry_id)
+        for stream, ids in by_stream.items():
+            await self._r.xclaim(
+                stream,
+                self._keys.workers_group,
+                consumer,
+                min_idle_time=0,
+                message_ids=ids,  # type: ignore[arg-type]
+                justid=True,
+            )
 
     async def finish(self, delivery: Delivery, result: InvocationResult | None) -> None:
         reply_to = delivery.invocation.reply_to
+        stream, entry_id = self._split(delivery.receipt)
         async with self._r.pipeline(transaction=False) as pipe:
             if result is not None and reply_to:
                 fields = result.encode()
@@ -251,12 +311,13 @@ class RedisStreamsQueue(InvocationQueue):
                     approximate=True,
                 )
                 pipe.expire(reply_to, self._s.reply_ttl_s)
-            pipe.xack(self._keys.invocations, self._keys.workers_group, delivery.receipt)
-            pipe.xdel(self._keys.invocations, delivery.receipt)
+            pipe.xack(stream, self._keys.workers_group, entry_id)
+            pipe.xdel(stream, entry_id)
             await pipe.execute()
 
     async def _ack(self, receipt: str) -> None:
+        stream, entry_id = self._split(receipt)
         async with self._r.pipeline(transaction=False) as pipe:
-            pipe.xack(self._keys.invocations, self._keys.workers_group, receipt)
-            pipe.xdel(self._keys.invocations, receipt)
+            pipe.xack(stream, self._keys.workers_group, entry_id)
+            pipe.xdel(stream, entry_id)
             await pipe.execute()

@@ -90,3 +90,51 @@ async def test_only_one_manager_acts_and_another_takes_over(
         name = unique("takeover")
         await p.deploy(client, name, provisioned_concurrency=1)
         await wait_for(lambda: ready_by_http(name) == 1, 60, "the provisioned instance")
+
+
+async def test_three_workers_provisioned_calls_find_warm_instances_and_survive_a_sigkill(
+    redis_url: str,
+    log_dir: Path,
+    registry: RegistryInfo,
+    pushed_images: None,
+    client: aiohttp.ClientSession,
+) -> None:
+    async with running_platform(redis_url, log_dir, registry, workers=3) as p:
+        await p.add_coldstart()
+        name = unique("spread")
+        await p.deploy(client, name, provisioned_concurrency=3, max_instances=4, timeout_s=20)
+        await wait_for(lambda: ready_by_http(name) == 3, 60, "3 provisioned instances")
+        await asyncio.sleep(1.5)  # heartbeats carry the ready instances to the gateway
+        # Spread over the workers, and the first calls are routed to them: no cold start.
+        workers = {
+            json.loads(docker("inspect", c).stdout)[0]["Config"]["Labels"]["imagefn.worker"]
+            for c in running(name)
+        }
+        assert len(workers) == 3
+        results = await asyncio.gather(*(p.invoke(client, name, {"sleep": 0.3}) for _ in range(3)))
+        assert [s for s, _, _ in results] == [200, 200, 200]
+        assert [h["X-Imagefn-Cold-Start"] for _, h, _ in results] == ["false"] * 3
+
+        # SIGKILL one worker under load: every call ends in a result or a clear error.
+        victim = p.workers[0]
+        calls = [asyncio.create_task(p.invoke(client, name, {"sleep": 1})) for _ in range(6)]
+        await asyncio.sleep(0.5)
+        victim.kill()
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls), 90)
+        for status, headers, body in outcomes:
+            assert status == 200 or "X-Scf-Error-Type" in headers, (status, body)
+        # The provisioned count is restored on the survivors, and nothing of the dead
+        # worker survives.
+        await wait_for(
+            lambda: (
+                ready_by_http(name) >= 3
+                and not [
+                    c
+                    for c in running(name)
+                    if victim.worker_id
+                    in docker("inspect", "-f", "{{json .Config.Labels}}", c).stdout
+                ]
+            ),
+            60,
+            "provisioned instances back on the live workers",
+        )

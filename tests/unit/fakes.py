@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import hashlib
 import itertools
 import socket
@@ -412,6 +413,16 @@ class FakeRedis:
     @staticmethod
     def _b(value: Any) -> bytes:
         return value if isinstance(value, bytes) else str(value).encode()
+
+    async def scan_iter(self, match: str = "*") -> AsyncIterator[bytes]:
+        self._run("scan")
+        for key in sorted({*self.strings, *self.hashes}):
+            if fnmatch.fnmatchcase(key, match):
+                yield key.encode()
+
+    async def mget(self, keys: list[Any]) -> list[bytes | None]:
+        self._run("mget")
+        return [self.strings.get(k.decode() if isinstance(k, bytes) else k) for k in keys]
 
     def _fail_if_told(self, command: str) -> None:
         err = self.fail.get(command)

@@ -214,7 +214,9 @@ async def test_no_result_in_time_is_function_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     class SilentQueue(MemoryQueue):
-        async def call(self, invocation: Invocation, timeout_s: float) -> None:
+        async def call(
+            self, invocation: Invocation, timeout_s: float, worker: str | None = None
+        ) -> None:
             self.asked = timeout_s
 
     redis = FakeRedis()

@@ -1,0 +1,102 @@
+"""Warm-affinity routing: send an invocation to a worker that holds a free warm instance
+of its function version, so that it does not start one while another worker could serve.
+
+The gateway keeps the workers' inventories (their heartbeats) in memory, refreshed every
+``REFRESH_S`` by one owned task; the choice itself is the pure ``pick_worker``. With no
+worker holding a free instance, the invocation goes to the shared stream and whichever
+worker has room takes it (and starts an instance if it must).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from shared.keys import Keys
+
+log = structlog.get_logger("imagefn.routing")
+
+REFRESH_S = 0.5
+
+# worker id → "name@version" → {"ready": n, "paused": n, ...}
+Inventories = dict[str, dict[str, dict[str, int]]]
+
+
+def pick_worker(inventories: Mapping[str, Mapping[str, Mapping[str, int]]], key: str) -> str | None:
+    """The worker with the most free warm instances of ``key`` ("name@version"): idle ones
+    first, then frozen ones (a wake costs milliseconds); None when no worker has one."""
+    best: tuple[int, int] = (0, 0)
+    chosen: list[str] = []
+    for worker, functions in inventories.items():
+        counts = functions.get(key) or {}
+        score = (int(counts.get("ready", 0)), int(counts.get("paused", 0)))
+        if score == (0, 0):
+            continue
+        if score > best:
+            best, chosen = score, [worker]
+        elif score == best:
+            chosen.append(worker)
+    # Among equals, spread rather than always pick the same worker.
+    return random.choice(chosen) if chosen else None
+
+
+class WarmRouter:
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        self._r = client
+        self._keys = keys
+        self._inventories: Inventories = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._refresh()
+        self._task = asyncio.create_task(self._loop(), name="gateway-router-refresh")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def route(self, function: str, version: int) -> str | None:
+        key = f"{function}@{version}"
+        worker = pick_worker(self._inventories, key)
+        if worker is not None:
+            # Count the instance as taken until the next refresh, so a burst spreads
+            # over the free instances instead of piling onto the first.
+            counts = self._inventories[worker][key]
+            field = "ready" if counts.get("ready", 0) > 0 else "paused"
+            counts[field] = counts.get(field, 0) - 1
+        return worker
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                await self._refresh()
+            except RedisError as e:
+                log.warning("router_refresh_failed", error=str(e))
+
+    async def _refresh(self) -> None:
+        inventories: Inventories = {}
+        keys = [k async for k in self._r.scan_iter(self._keys.worker_heartbeat_pattern)]
+        if keys:
+            for raw in await self._r.mget(keys):
+                if raw is None:
+                    continue
+                try:
+                    inv: dict[str, Any] = json.loads(raw)
+                    inventories[str(inv["worker"])] = {
+                        str(k): {str(f): int(n) for f, n in v.items()}
+                        for k, v in inv["functions"].items()
+                    }
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue
+        self._inventories = inventories
