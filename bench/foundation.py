@@ -16,7 +16,13 @@ One run, one machine, three measurements (see bench/README.md):
    image + a unique ENV and a small random layer), pushed to the registry and removed
    locally, then the first invoke through the gateway (the worker pulls by digest) vs
    ``docker pull REPO@DIGEST`` + ``docker run`` (CLI) and vs an Engine API pull + create
-   + start, each polled with ``POST /event-invoke`` until the first 200.
+   + start, each polled with ``POST /event-invoke`` until the first 200;
+5. wake from idle (issue 4, ``--only wake``): through the gateway, in alternating rounds,
+   warm (an instance just used), wake (the function's only instance frozen by
+   ``docker pause``, then one invoke), true cold (a fresh function, image present) and a
+   bare ``docker run`` to the first 200. This part needs the platform to freeze idle
+   instances (``IMAGEFN_PAUSE_AFTER_S=1``); every other part needs it not to (``0``), so
+   the platform is restarted with that setting before this part when others ran first.
 
 Function images live in the platform registry. The script starts its own: signing keys
 in a temporary directory, a token-auth ``docker-registry`` on a free port whose realm is
@@ -273,6 +279,7 @@ class Platform:
         self.log_path = workdir / "imagefn-up.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._logf: Any = None
+        self.pause_after_s: float = 0
 
     def command(self) -> list[str]:
         if self.profile:
@@ -310,7 +317,10 @@ class Platform:
                 await r.aclose()
         return len(owners)
 
-    async def start(self, extra_env: dict[str, str] | None = None) -> None:
+    async def start(
+        self, extra_env: dict[str, str] | None = None, pause_after_s: float = 0
+    ) -> None:
+        self.pause_after_s = pause_after_s
         env = dict(os.environ)
         env.update(extra_env or {})
         env.update(
@@ -321,15 +331,16 @@ class Platform:
                 "IMAGEFN_REDIS_URL": self.redis_url,
                 "IMAGEFN_WORKER_ID": self.worker_id,
                 "IMAGEFN_JANITOR_INTERVAL_S": "3600",
-                # Keep idle instances running (no docker pause, from ad5c9d2 on): the
-                # direct rows send requests straight to the containers while the
-                # platform sees no traffic, and a frozen container would not answer.
-                "IMAGEFN_PAUSE_AFTER_S": "0",
+                # 0 (the default here): keep idle instances running (no docker pause,
+                # from ad5c9d2 on): the direct rows send requests straight to the
+                # containers while the platform sees no traffic, and a frozen container
+                # would not answer. Only the wake part (5) sets it (to 1 s).
+                "IMAGEFN_PAUSE_AFTER_S": f"{pause_after_s:g}",
                 "IMAGEFN_LOG_LEVEL": self.log_level,
             }
         )
-        # Started once, before any measurement: blocking calls are harmless here.
-        self._logf = open(self.log_path, "wb")  # noqa: ASYNC230
+        # Started before any measurement: blocking calls are harmless here.
+        self._logf = open(self.log_path, "ab")  # noqa: ASYNC230
         self.proc = subprocess.Popen(  # noqa: ASYNC220
             self.command(), cwd=REPO, env=env, stdout=self._logf, stderr=subprocess.STDOUT
         )
@@ -1410,6 +1421,214 @@ async def bench_pull(
     return out
 
 
+# -- 5. wake from idle (issue 4) -------------------------------------------------------------
+
+WAKE_VARIANTS = ("warm", "wake", "cold", "docker_cli")
+
+
+async def function_containers(docker: aiodocker.Docker, worker_id: str, function: str) -> list[str]:
+    items = await docker.containers.list(
+        all=True,
+        filters=json.dumps(
+            {"label": [f"{WORKER_LABEL}={worker_id}", f"{FUNCTION_LABEL}={function}"]}
+        ),
+    )
+    return [c.id for c in items]
+
+
+async def wait_paused(docker: aiodocker.Docker, cid: str, timeout_s: float = 20) -> float:
+    """Poll the engine's inspect (``docker inspect -f {{.State.Paused}}``) every 50 ms
+    until the container is frozen; returns the seconds waited."""
+    t0 = time.monotonic()
+    while True:
+        data = await docker.containers.container(cid).show()
+        if (data.get("State") or {}).get("Paused"):
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError(f"container {cid[:12]} not paused within {timeout_s:g} s")
+        await asyncio.sleep(0.05)
+
+
+async def timed_invoke(ctl: Control, name: str) -> dict[str, Any]:
+    """One invoke through the gateway, timed to its 200 (the same client for every
+    gateway row: the Control session, keep-alive)."""
+    t0 = time.perf_counter_ns()
+    status, headers, body = await ctl.invoke(name)
+    ms = (time.perf_counter_ns() - t0) / 1e6
+    out: dict[str, Any] = {
+        "ms": ms,
+        "ok": status == 200,
+        "cold_start_header": headers.get("X-Imagefn-Cold-Start") == "true",
+        "instance": headers.get("X-Imagefn-Instance", ""),
+        "phases_ms": parse_server_timing(headers.get("Server-Timing", "")),
+    }
+    if status != 200:
+        out["error"] = f"HTTP {status}: {body[:400].decode(errors='replace')}"
+    return out
+
+
+class WakeBench:
+    """Warm, wake from idle, true cold and bare ``docker run`` side by side (issue 4).
+
+    - warm: one untimed invoke of the wake function (it may wake the instance), then
+      the timed one right after it;
+    - wake: wait until the function's only container is frozen (the engine reports
+      State.Paused), then one timed invoke; checked to report a ``wake`` phase, no cold
+      start, and the same instance;
+    - cold: a freshly deployed function each round (image present), its first invoke
+      (then, untimed, deleted and its container waited for);
+    - docker_cli: ``docker run -d -p 127.0.0.1::9000`` + POST /event-invoke every 5 ms
+      until the first 200 (the part-2 code)."""
+
+    def __init__(self, ctl: Control, docker: aiodocker.Docker, image: str, fn_image: str) -> None:
+        self.ctl = ctl
+        self.docker = docker
+        self.fn_image = fn_image
+        self.name = f"b{ctl.plat.tag}-wake"
+        self.instance = ""
+        self.container = ""
+        self.cold = ColdBench(ctl, docker, image, fn_image)
+
+    async def setup(self) -> None:
+        await self.ctl.deploy(fn_spec(self.name, self.fn_image, idle_ttl_s=600, max_instances=1))
+        status, headers, body = await self.ctl.invoke(self.name)  # its cold start, untimed
+        if status != 200:
+            raise RuntimeError(f"first invoke of {self.name}: HTTP {status}: {body[:300]!r}")
+        self.instance = headers.get("X-Imagefn-Instance", "")
+        ids = await function_containers(self.docker, self.ctl.plat.worker_id, self.name)
+        if len(ids) != 1:
+            raise RuntimeError(f"{self.name} should have exactly one container: {ids}")
+        self.container = ids[0]
+
+    async def run(self, variant: str, rnd: int) -> dict[str, Any]:
+        out: dict[str, Any] = await getattr(self, f"_{variant}")(rnd)
+        return out
+
+    def _check_same_instance(self, out: dict[str, Any]) -> None:
+        if out["ok"] and out["instance"] != self.instance:
+            out["ok"] = False
+            out["error"] = f"served by instance {out['instance']}, not {self.instance}"
+
+    async def _warm(self, rnd: int) -> dict[str, Any]:
+        status, _, body = await self.ctl.invoke(self.name)  # untimed: wake it if frozen
+        if status != 200:
+            raise RuntimeError(f"warm pre-invoke: HTTP {status}: {body[:300]!r}")
+        out = await timed_invoke(self.ctl, self.name)
+        self._check_same_instance(out)
+        return out
+
+    async def _wake(self, rnd: int) -> dict[str, Any]:
+        waited = await wait_paused(self.docker, self.container)
+        out = await timed_invoke(self.ctl, self.name)
+        out["waited_for_pause_s"] = waited
+        self._check_same_instance(out)
+        if out["ok"] and "wake" not in out["phases_ms"]:
+            out["ok"] = False
+            out["error"] = "no wake phase in Server-Timing"
+        return out
+
+    async def _cold(self, rnd: int) -> dict[str, Any]:
+        name = f"b{self.ctl.plat.tag}-wcold{rnd}"
+        await self.ctl.deploy(fn_spec(name, self.fn_image, idle_ttl_s=1, max_instances=1))
+        out = await timed_cold_invoke(self.ctl, self.docker, name)
+        if out["ok"] and not out["cold_start_header"]:
+            out["ok"] = False
+            out["error"] = "not reported as a cold start"
+        return out
+
+    async def _docker_cli(self, rnd: int) -> dict[str, Any]:
+        return await self.cold._docker_cli(rnd)
+
+    async def cleanup(self) -> None:
+        await self.cold.cleanup()
+        with contextlib.suppress(Exception):
+            await self.ctl.delete(self.name)
+
+
+async def bench_wake(
+    ctl: Control,
+    docker: aiodocker.Docker,
+    image: str,
+    fn_image: str,
+    rounds: int,
+    warmup_rounds: int,
+) -> dict[str, Any]:
+    wb = WakeBench(ctl, docker, image, fn_image)
+    variants = list(WAKE_VARIANTS)
+    samples: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    try:
+        await wb.setup()
+        log(f"wake: function {wb.name}, instance {wb.instance}, container {wb.container[:12]}")
+        with CpuWindow(ctl.plat.pid) as cpu:
+            for rnd in range(warmup_rounds + rounds):
+                k = rnd % len(variants)
+                order = variants[k:] + variants[:k]
+                this_round: dict[str, dict[str, Any]] = {}
+                for v in order:
+                    try:
+                        res = await wb.run(v, rnd)
+                    except Exception as e:
+                        res = {"ms": float("nan"), "ok": False, "error": str(e)[:400]}
+                    res.setdefault("ok", True)
+                    res["round"] = rnd
+                    if not res["ok"]:
+                        log(f"wake {v} round {rnd} failed: {res.get('error', '')}")
+                    this_round[v] = res
+                    await asyncio.sleep(0.2)
+                    if rnd >= warmup_rounds:
+                        samples[v].append(res)
+                log(
+                    f"wake round {rnd + 1}/{warmup_rounds + rounds}"
+                    + (" (warm-up, not counted)" if rnd < warmup_rounds else "")
+                    + ": "
+                    + ", ".join(
+                        f"{v} {r['ms']:.1f} ms"
+                        + ("" if r["ok"] else " FAILED")
+                        + (
+                            f" (wake phase {r['phases_ms']['wake']:.1f})"
+                            if v == "wake" and r["ok"]
+                            else ""
+                        )
+                        for v, r in this_round.items()
+                    )
+                )
+    finally:
+        await wb.cleanup()
+    out: dict[str, Any] = {
+        "rounds": rounds,
+        "pause_after_s": ctl.plat.pause_after_s,
+        "variants": {},
+        "cpu": cpu.result,
+    }
+    for v, ss in samples.items():
+        good = [x for x in ss if x["ok"]]
+        phases: dict[str, list[float]] = {}
+        for x in good:
+            for k2, val in x.get("phases_ms", {}).items():
+                phases.setdefault(k2, []).append(val)
+        out["variants"][v] = {
+            "ms": summary([x["ms"] for x in good]),
+            "failures": len(ss) - len(good),
+            "failure_messages": [x.get("error", "") for x in ss if not x["ok"]],
+            "phases_p50_ms": {k2: pct(val, 50) for k2, val in phases.items()},
+            "phases_p90_ms": {k2: pct(val, 90) for k2, val in phases.items()},
+            "raw": ss,
+        }
+    bare = out["variants"]["docker_cli"]
+    by_round = {x["round"]: x for x in samples["docker_cli"] if x["ok"]}
+    for v in ("warm", "wake", "cold"):
+        d = out["variants"][v]
+        d["ratio_over_bare_p50"] = d["ms"]["p50"] / bare["ms"]["p50"]
+        d["ratio_over_bare_p90"] = d["ms"]["p90"] / bare["ms"]["p90"]
+        paired = [x["ms"] / by_round[x["round"]]["ms"] for x in samples[v]
+                  if x["ok"] and x["round"] in by_round]  # fmt: skip
+        d["ratio_paired_median"] = pct(paired, 50)
+    out["variants"]["wake"]["waited_for_pause_s_p50"] = pct(
+        [x["waited_for_pause_s"] for x in samples["wake"] if "waited_for_pause_s" in x], 50
+    )
+    return out
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
@@ -1443,6 +1662,7 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
     c = res.get("cold")
     t = res.get("throughput")
     pl = res.get("pull")
+    wk = res.get("wake")
     L.append("## Summary\n")
     L.append(
         "| # | Measurement (what exactly) | imagefn gateway | bare / direct"
@@ -1524,6 +1744,31 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
                 f" paired x{b['ratio_paired_median']:.2f})"
                 f" | <= 1.15 x bare (the cold-start target) | {verdict(r50 <= 1.15)} |"
             )
+    if wk:
+        bare = wk["variants"]["docker_cli"]
+        for v, label, target, limit in (
+            ("warm", "warm (an instance just used)", "-", None),
+            ("wake", "wake from idle (the only instance frozen by `docker pause`)",
+             "<= 0.2 x bare", 0.2),
+            ("cold", "true cold (a fresh function, image present)", "<= 1.05 x bare", 1.05),
+        ):  # fmt: skip
+            d = wk["variants"][v]
+            r50 = d["ratio_over_bare_p50"]
+            L.append(
+                f"| 5{'abc'[('warm', 'wake', 'cold').index(v)]} | {label}, to its 200,"
+                f" median (p90), {wk['rounds']} rounds; bare = `docker run -d -p"
+                f" 127.0.0.1::9000` (CLI) to the first 200; failed rounds: {v}"
+                f" {d['failures']}, bare {bare['failures']}"
+                f" | {d['ms']['p50']:.1f} ({d['ms']['p90']:.1f}) ms"
+                f" | {bare['ms']['p50']:.0f} ({bare['ms']['p90']:.0f}) ms"
+                f" | x{r50:.3f} (p90 x{d['ratio_over_bare_p90']:.3f};"
+                f" paired x{d['ratio_paired_median']:.3f})"
+                f" | {target} | {'-' if limit is None else verdict(r50 <= limit)} |"
+            )
+        L.append(
+            "| 5d | provisioned first call | not built yet (no `provisioned_concurrency`)"
+            " | - | - | - | not measured |"
+        )
     L.append("")
 
     if w:
@@ -1615,6 +1860,30 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
             f" {pl['cpu']['machine_busy_cores']:.2f} cores busy, platform"
             f" {pl['cpu']['platform_cores']:.2f}.\n"
         )
+    if wk:
+        L.append("## 5. Wake from idle detail (ms)\n")
+        L.append("| variant | n ok | failed | p50 | p90 | min | max | phases p50 (p90) |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for v, d in wk["variants"].items():
+            s_ = d["ms"]
+            ph = ", ".join(
+                f"{k} {x:.2f} ({d['phases_p90_ms'][k]:.2f})" for k, x in d["phases_p50_ms"].items()
+            )
+            L.append(
+                f"| {v} | {s_['n']} | {d['failures']} | {s_['p50']:.1f} | {s_['p90']:.1f}"
+                f" | {s_['min']:.1f} | {s_['max']:.1f} | {ph} |"
+            )
+        for v, d in wk["variants"].items():
+            for msg in d["failure_messages"]:
+                L.append(f"- {v} failure: `{msg[:300]}`")
+        L.append(
+            f"\nPlatform run with IMAGEFN_PAUSE_AFTER_S={wk['pause_after_s']:g}; the wake row"
+            f" waited {wk['variants']['wake']['waited_for_pause_s_p50']:.2f} s (p50) for the"
+            " engine to report the container paused. Gateway phases come from its"
+            " Server-Timing header (`wake`: the invocation waiting for `docker unpause`)."
+            f" CPU during the part: machine {wk['cpu']['machine_busy_cores']:.2f} cores busy,"
+            f" platform {wk['cpu']['platform_cores']:.2f}.\n"
+        )
     return "\n".join(L)
 
 
@@ -1631,7 +1900,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instances", type=int, default=4, help="max_instances for part 3")
     p.add_argument("--platform-log-level", default="info", help="IMAGEFN_LOG_LEVEL of the platform")
     p.add_argument(
-        "--only", default="warm,cold,throughput,pull", help="parts to run (comma separated)"
+        "--only",
+        default="warm,cold,throughput,pull",
+        help="parts to run (comma separated; also: wake, not in the default)",
     )
     p.add_argument(
         "--code",
@@ -1655,11 +1926,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.blocks, a.block_size, a.warmup = 4, 100, 50
         a.cold_rounds, a.cold_warmup = 3, 1
         a.pull_rounds, a.pull_warmup = 2, 1
+        a.wake_rounds, a.wake_warmup = 3, 1
         a.duration = 2.0
     else:
         a.blocks, a.block_size, a.warmup = 10, 200, 200
         a.cold_rounds, a.cold_warmup = 12, 1
         a.pull_rounds, a.pull_warmup = 10, 1
+        a.wake_rounds, a.wake_warmup = 12, 1
         a.duration = 10.0
     a.parts = {x.strip() for x in a.only.split(",") if x.strip()}
     return a
@@ -1695,6 +1968,10 @@ async def amain(a: argparse.Namespace) -> int:
     budget_s = 75 if a.quick else 270
     if "pull" in a.parts:
         budget_s += (a.pull_rounds + a.pull_warmup) * 30
+    if "wake" in a.parts:
+        budget_s += (a.wake_rounds + a.wake_warmup) * 20
+    # Part 5 needs idle instances frozen; the others need them running (direct rows).
+    wake_only = a.parts == {"wake"}
     load_task = asyncio.create_task(sample_load(machine))
     try:
         await docker.images.inspect(a.image)  # fail early, before starting anything
@@ -1705,7 +1982,7 @@ async def amain(a: argparse.Namespace) -> int:
             f" starting imagefn up on {plat.url} (prefix {plat.prefix}, worker {plat.worker_id});"
             f" guarded {guarded} other worker(s)' containers from our janitor; log {plat.log_path}"
         )
-        await plat.start(reg.env())
+        await plat.start(reg.env(), pause_after_s=1 if wake_only else 0)
         ctl = Control(plat)
         repository, _, tag = fn_image.partition(":")
         digest = await reg.push(docker, a.image, repository, tag)
@@ -1742,6 +2019,15 @@ async def amain(a: argparse.Namespace) -> int:
                 await reg.docker_login()
                 res["pull"] = await bench_pull(
                     ctl, docker, reg, a.image, a.pull_rounds, a.pull_warmup, a.pull_layer_mb
+                )
+            if "wake" in a.parts:
+                if plat.pause_after_s != 1:
+                    log("5. restarting imagefn up with IMAGEFN_PAUSE_AFTER_S=1 (same port)")
+                    await plat.stop()
+                    await plat.start(reg.env(), pause_after_s=1)
+                log(f"5. wake from idle: {a.wake_rounds} rounds (+{a.wake_warmup} warm-up)")
+                res["wake"] = await bench_wake(
+                    ctl, docker, a.image, fn_image, a.wake_rounds, a.wake_warmup
                 )
     except TimeoutError:
         log(f"time budget of {budget_s} s exceeded; reporting what was measured")
