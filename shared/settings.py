@@ -60,6 +60,10 @@ class WorkerSettings:
     # How long an invocation may wait for a free instance (max_instances or memory
     # reached) before it fails with ConcurrencyLimitExceeded.
     max_slot_wait_s: float = 10.0
+    # Invocations of one function that may wait for a slot on this worker at once; more
+    # fail at once with ConcurrencyLimitExceeded, so a hot function cannot take every
+    # permit (max_inflight) and stall the others.
+    max_waiting_per_function: int = 16
     # Memory this worker may give to containers, in MiB.
     memory_capacity_mb: int = 16384
     # An instance idle this long is frozen (docker pause): no CPU, its memory kept, woken
@@ -202,6 +206,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             max_inflight=_int(env, "IMAGEFN_WORKER_MAX_INFLIGHT", w.max_inflight),
             memory_capacity_mb=_int(env, "IMAGEFN_WORKER_MEMORY_MB", w.memory_capacity_mb),
             max_slot_wait_s=_float(env, "IMAGEFN_MAX_SLOT_WAIT_S", w.max_slot_wait_s),
+            max_waiting_per_function=_int(
+                env, "IMAGEFN_MAX_WAITING_PER_FUNCTION", w.max_waiting_per_function
+            ),
             heartbeat_s=_float(env, "IMAGEFN_HEARTBEAT_S", w.heartbeat_s),
             pause_after_s=_float(env, "IMAGEFN_PAUSE_AFTER_S", w.pause_after_s),
             heartbeat_ttl_s=_float(env, "IMAGEFN_HEARTBEAT_TTL_S", w.heartbeat_ttl_s),

@@ -8,12 +8,13 @@ replace the instances themselves; a dead worker's share is placed elsewhere on t
 tick because its heartbeat is gone.
 
 Several managers may run; only the holder of a Redis lease acts, and a dead holder's lease
-lapses within ``lease_ttl_s`` so another takes over.
+lapses within ``LEASE_TTL_MS`` so another takes over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from typing import Any
@@ -67,14 +68,15 @@ class ColdStartManager:
             except TimeoutError:
                 pass
         if self._leader:
-            # Hand over at once rather than after the lease lapses.
-            await self._r.eval(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-                "return redis.call('DEL', KEYS[1]) end return 0",
-                1,
-                self._keys.coldstart_lease,
-                self.id,
-            )
+            # Hand over at once rather than after the lease lapses (it lapses anyway).
+            with contextlib.suppress(RedisError):
+                await self._r.eval(
+                    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                    "return redis.call('DEL', KEYS[1]) end return 0",
+                    1,
+                    self._keys.coldstart_lease,
+                    self.id,
+                )
         log.info("coldstart_stopped", manager=self.id)
 
     async def _hold_lease(self) -> bool:
@@ -120,6 +122,9 @@ class ColdStartManager:
                 memory[key] = record.spec.memory_mb
         workers = await self._workers()
         plan = plan_provisioning(targets, memory, [w for w, _ in workers])
+        live = {w.id for w, _ in workers}
+        for gone in [wid for wid in self._sent if wid not in live]:
+            del self._sent[gone]
         now = asyncio.get_running_loop().time()
         for view, desired in workers:
             want = plan.get(view.id, {})

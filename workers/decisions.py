@@ -90,7 +90,10 @@ def choose(
         other = [
             v
             for v in live_mine
-            if v.version != version and v.state in (State.READY, State.PAUSED) and v.inflight == 0
+            if v.version != version
+            and v.state in (State.READY, State.PAUSED)
+            and v.inflight == 0
+            and not v.provisioned
         ]
         if not other:
             return Wait(f"function has {len(live_mine)} of {max_instances} instances busy")
@@ -123,6 +126,7 @@ def evictable(
         if v.state in (State.READY, State.PAUSED)
         and v.inflight == 0
         and not v.retiring
+        and not v.provisioned  # kept ready on purpose; the manager decides about those
         and (v.function != for_function or v.version != for_version)
     ]
 

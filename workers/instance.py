@@ -145,6 +145,7 @@ class Instance:
             last_used=self.last_used,
             memory_mb=self.memory_mb,
             retiring=bool(self.retire_reason),
+            provisioned=self.provisioned,
         )
 
 
@@ -160,3 +161,4 @@ class InstanceView:
     last_used: float
     memory_mb: int
     retiring: bool = False
+    provisioned: bool = False

@@ -2,8 +2,9 @@
 
 The cold-start manager calls ``plan_provisioning`` every tick; it answers, per worker, how
 many instances of each function version to keep ready. The plan is stable (a worker keeps
-what it already holds, up to the target) and spreads new instances across workers,
-least-loaded first, within each worker's memory.
+what it already holds, up to the target) and spreads new instances across workers (the
+one with the fewest of that version first, then the most free memory), within each
+worker's memory.
 """
 
 from __future__ import annotations

@@ -86,6 +86,8 @@ class ContainerPool:
         self._by_container: dict[str, Instance] = {}
         self._conds: dict[str, asyncio.Condition] = {}
         self._owners: set[asyncio.Task[None]] = set()
+        # Invocations waiting for a slot, per function.
+        self._waiting: dict[str, int] = {}
         # Functions with invocations waiting for memory, and how many.
         self._memory_waiters: dict[str, int] = {}
         # The cold-start manager's desired provisioned instances, and start-failure backoff.
@@ -249,12 +251,23 @@ class ContainerPool:
                     raise ConcurrencyLimitExceeded(
                         f"no free instance of {spec.name} on this worker in time: {decision.reason}"
                     )
+                if self._waiting.get(spec.name, 0) >= self._settings.max_waiting_per_function:
+                    # One hot function must not hold every slot of this worker while it
+                    # waits: other functions' invocations would stall behind it.
+                    raise ConcurrencyLimitExceeded(
+                        f"{spec.name} already has {self._waiting[spec.name]} invocations "
+                        f"waiting on this worker: {decision.reason}"
+                    )
+                self._waiting[spec.name] = self._waiting.get(spec.name, 0) + 1
                 if decision.for_memory:
                     self._memory_waiters[spec.name] = self._memory_waiters.get(spec.name, 0) + 1
                 try:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(cond.wait(), remaining)
                 finally:
+                    self._waiting[spec.name] -= 1
+                    if not self._waiting[spec.name]:
+                        del self._waiting[spec.name]
                     if decision.for_memory:
                         self._memory_waiters[spec.name] -= 1
                         if not self._memory_waiters[spec.name]:
@@ -579,9 +592,20 @@ class ContainerPool:
                 surplus.provisioned = False
                 surplus.wakeup.set()
             missing = want - len(have)
-            if missing > 0 and self._provision_retry_at.get(key, 0.0) <= now:
-                for _ in range(missing):
-                    self._spawn(record, reserved=False, provisioned=True)
+            if missing <= 0 or self._provision_retry_at.get(key, 0.0) > now:
+                continue
+            # Within the function's max_instances and this worker's memory: the manager
+            # places what does not fit elsewhere on its next tick.
+            live = sum(1 for i in self._instances.values() if i.function == key[0] and i.live)
+            room = self._settings.memory_capacity_mb - self.memory_used_mb()
+            missing = min(
+                missing,
+                record.spec.max_instances - live,
+                room // max(1, record.spec.memory_mb),
+            )
+            for _ in range(max(0, missing)):
+                self._spawn(record, reserved=False, provisioned=True)
+            if missing > 0:
                 log.info("provisioning", function=key[0], version=key[1], starting=missing)
 
     def _provision_failed(self, record: FunctionRecord) -> None:

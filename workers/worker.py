@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from shared.errors import ImagefnError, InternalError
+from shared.errors import FunctionNotFound, ImagefnError, InternalError, VersionNotFound
 from shared.keys import Keys
 from shared.messages import InvocationResult
 from shared.queue.base import Delivery, InvocationQueue
@@ -135,7 +135,12 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._loops[1:], return_exceptions=True)
         with contextlib.suppress(RedisError):
-            await self._redis.delete(self._keys.worker_heartbeat(self.worker_id))
+            # Gone: no heartbeat, and no control stream left behind. (Its invocation
+            # stream, if anything is left in it, is adopted by another worker.)
+            await self._redis.delete(
+                self._keys.worker_heartbeat(self.worker_id),
+                self._keys.worker_control(self.worker_id),
+            )
         log.info("worker_stopped", worker=self.worker_id)
 
     # -- taking work -----------------------------------------------------------------------
@@ -264,13 +269,16 @@ class Worker:
         """Apply the cold-start manager's desired state for this worker: the newest
         command on start, then each new one."""
         stream = self._keys.worker_control(self.worker_id)
-        last: Any = await self._redis.xrevrange(stream, count=1)
-        last_id: Any = "$"
-        if last:
-            last_id = last[0][0]
-            await self._apply_control(last[0][1])
+        last_id: Any = None
         while True:
             try:
+                if last_id is None:
+                    last: Any = await self._redis.xrevrange(stream, count=1)
+                    # From the newest command, or from the very start of an empty stream
+                    # (not "$": a command added between two reads would be missed).
+                    last_id = last[0][0] if last else "0-0"
+                    if last:
+                        await self._apply_control(last[0][1])
                 resp: Any = await self._redis.xread({stream: last_id}, block=2000)
             except RedisError as e:
                 log.warning("control_read_failed", error=str(e))
@@ -292,9 +300,14 @@ class Worker:
             name, _, version = key.rpartition("@")
             try:
                 record = await self._registry.resolve(name, version)
-            except ImagefnError as e:
+            except (FunctionNotFound, VersionNotFound) as e:
                 log.warning("provision_target_unknown", target=key, error=e.message)
-                continue
+                continue  # deleted meanwhile: nothing to keep ready
+            except ImagefnError as e:
+                # Cannot tell now (Redis trouble): keep the current state and do not
+                # report this command as applied, so the manager sends it again.
+                log.warning("provision_targets_deferred", error=e.message)
+                return
             targets[(name, record.version)] = (record, count)
         self._desired = desired
         log.info("provisioning_targets", targets=desired)

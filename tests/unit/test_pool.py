@@ -926,3 +926,25 @@ async def test_a_provisioned_instance_that_cannot_start_is_retried_with_backoff(
     await asyncio.sleep(0.5)
     # Not a tight loop: the first failure waits 1 s before the next attempt.
     assert len(kit.runtime.containers) <= 2
+
+
+async def test_a_hot_function_cannot_hold_every_slot_of_the_worker(
+    make_pool: Callable[..., PoolKit],
+) -> None:
+    kit = make_pool(max_waiting_per_function=2)
+    gate = asyncio.Event()
+    # The first hot call holds its instance; the next forward is the other function's.
+    kit.forwarder.then(gate_step(gate), Response(200, [], b"other-fn"))
+    hot = make_record("hot", max_instances=1)
+    running = asyncio.create_task(kit.pool.invoke(make_invocation(hot)))
+    await eventually(lambda: len(kit.forwarder.calls) == 1)
+    waiting = [asyncio.create_task(kit.pool.invoke(make_invocation(hot))) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    # A third waiter is refused at once instead of holding a worker permit.
+    refused = await kit.pool.invoke(make_invocation(hot))
+    assert error_type(refused) == "ConcurrencyLimitExceeded"
+    # Another function is served meanwhile.
+    other = await kit.pool.invoke(make_invocation(make_record("other")))
+    assert other.error is None and other.body == b"other-fn"
+    gate.set()
+    assert all(r.error is None for r in await asyncio.gather(running, *waiting))
