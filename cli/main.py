@@ -1,8 +1,8 @@
 """The ``imagefn`` command line.
 
 Server commands (``up``, ``gateway``, ``worker``, ``coldstart``) load settings once from
-the environment and run in the foreground until Ctrl-C/SIGTERM, then stop cleanly. Client commands talk
-to a gateway's HTTP API (``--gateway`` or IMAGEFN_GATEWAY, default http://127.0.0.1:8080)
+the environment and run in the foreground until Ctrl-C/SIGTERM, then stop cleanly. Client
+commands talk to a gateway's HTTP API (``--gateway`` or IMAGEFN_GATEWAY, default http://127.0.0.1:8080)
 and print one clear line on error.
 """
 
