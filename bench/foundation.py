@@ -19,8 +19,10 @@ One run, one machine, three measurements (see bench/README.md):
    + start, each polled with ``POST /event-invoke`` until the first 200;
 5. wake from idle (issue 4, ``--only wake``): through the gateway, in alternating rounds,
    warm (an instance just used), wake (the function's only instance frozen by
-   ``docker pause``, then one invoke), true cold (a fresh function, image present) and a
-   bare ``docker run`` to the first 200. This part needs the platform to freeze idle
+   ``docker pause``, then one invoke), provisioned first call (a fresh function with
+   ``provisioned_concurrency: 1``, its first invoke once the cold-start manager's
+   instance is up), true cold (a fresh function, image present) and a bare
+   ``docker run`` to the first 200. This part needs the platform to freeze idle
    instances (``IMAGEFN_PAUSE_AFTER_S=1``); every other part needs it not to (``0``), so
    the platform is restarted with that setting before this part when others ran first.
 
@@ -1423,7 +1425,8 @@ async def bench_pull(
 
 # -- 5. wake from idle (issue 4) -------------------------------------------------------------
 
-WAKE_VARIANTS = ("warm", "wake", "cold", "docker_cli")
+WAKE_VARIANTS = ("warm", "wake", "provisioned", "cold", "docker_cli")
+PROVISIONED_SETTLE_S = 1.5  # how long a provisioned container must have run before the call
 
 
 async def function_containers(docker: aiodocker.Docker, worker_id: str, function: str) -> list[str]:
@@ -1475,6 +1478,12 @@ class WakeBench:
     - wake: wait until the function's only container is frozen (the engine reports
       State.Paused), then one timed invoke; checked to report a ``wake`` phase, no cold
       start, and the same instance;
+    - provisioned: a freshly deployed function each round with ``provisioned_concurrency:
+      1`` and no traffic; wait (untimed) until the cold-start manager's instance container
+      is running and has been up >= PROVISIONED_SETTLE_S (so the worker's heartbeat has
+      reported it ready), then one timed invoke, checked to say
+      ``X-Imagefn-Cold-Start: false`` and to be served by that container's instance
+      (then, untimed, deleted: the instance is demoted and idles out, waited for);
     - cold: a freshly deployed function each round (image present), its first invoke
       (then, untimed, deleted and its container waited for);
     - docker_cli: ``docker run -d -p 127.0.0.1::9000`` + POST /event-invoke every 5 ms
@@ -1534,6 +1543,55 @@ class WakeBench:
         if out["ok"] and not out["cold_start_header"]:
             out["ok"] = False
             out["error"] = "not reported as a cold start"
+        return out
+
+    async def _wait_provisioned(self, name: str, timeout_s: float = 30) -> tuple[str, float]:
+        """Poll (every 50 ms) ``docker ps --filter label=imagefn.function=NAME`` and the
+        container's State.Running until one instance container runs, then until it has
+        been running for PROVISIONED_SETTLE_S. Returns its instance id and the seconds
+        from the call to the first sight of it running."""
+        t0 = time.monotonic()
+        seen_at = 0.0
+        instance = ""
+        while True:
+            now = time.monotonic()
+            if now - t0 > timeout_s:
+                raise RuntimeError(f"no provisioned instance of {name} within {timeout_s:g} s")
+            running = []
+            for cid in await function_containers(self.docker, self.ctl.plat.worker_id, name):
+                with contextlib.suppress(aiodocker.exceptions.DockerError):
+                    data = await self.docker.containers.container(cid).show()
+                    if (data.get("State") or {}).get("Running"):
+                        labels = (data.get("Config") or {}).get("Labels") or {}
+                        running.append(labels.get(INSTANCE_LABEL, ""))
+            if running and not seen_at:
+                seen_at, instance = now, running[0]
+            elif not running:
+                seen_at = 0.0
+            if seen_at and now - seen_at >= PROVISIONED_SETTLE_S:
+                return instance, seen_at - t0
+            await asyncio.sleep(0.05)
+
+    async def _provisioned(self, rnd: int) -> dict[str, Any]:
+        name = f"b{self.ctl.plat.tag}-wprov{rnd}"
+        await self.ctl.deploy(
+            fn_spec(name, self.fn_image, idle_ttl_s=1, max_instances=1, provisioned_concurrency=1)
+        )
+        try:
+            instance, ready_s = await self._wait_provisioned(name)
+            out = await timed_invoke(self.ctl, name)
+        finally:
+            # Untimed: delete; its instance is no longer wanted, idles out (1 s TTL).
+            await self.ctl.delete(name)
+            await wait_instances_gone(self.ctl, self.docker, name)
+        out["provisioned_running_after_s"] = ready_s
+        out["provisioned_instance"] = instance
+        if out["ok"] and out["cold_start_header"]:
+            out["ok"] = False
+            out["error"] = "reported as a cold start (X-Imagefn-Cold-Start: true)"
+        elif out["ok"] and instance and out["instance"] != instance:
+            out["ok"] = False
+            out["error"] = f"served by instance {out['instance']}, not the provisioned {instance}"
         return out
 
     async def _docker_cli(self, rnd: int) -> dict[str, Any]:
@@ -1616,13 +1674,20 @@ async def bench_wake(
         }
     bare = out["variants"]["docker_cli"]
     by_round = {x["round"]: x for x in samples["docker_cli"] if x["ok"]}
-    for v in ("warm", "wake", "cold"):
+    for v in ("warm", "wake", "provisioned", "cold"):
         d = out["variants"][v]
         d["ratio_over_bare_p50"] = d["ms"]["p50"] / bare["ms"]["p50"]
         d["ratio_over_bare_p90"] = d["ms"]["p90"] / bare["ms"]["p90"]
         paired = [x["ms"] / by_round[x["round"]]["ms"] for x in samples[v]
                   if x["ok"] and x["round"] in by_round]  # fmt: skip
         d["ratio_paired_median"] = pct(paired, 50)
+    prov = out["variants"]["provisioned"]
+    prov["cold_starts"] = sum(1 for x in samples["provisioned"] if x.get("cold_start_header"))
+    prov["calls"] = sum(1 for x in samples["provisioned"] if "cold_start_header" in x)
+    prov["running_after_s_p50"] = pct(
+        [x["provisioned_running_after_s"] for x in samples["provisioned"]
+         if "provisioned_running_after_s" in x], 50
+    )  # fmt: skip
     out["variants"]["wake"]["waited_for_pause_s_p50"] = pct(
         [x["waited_for_pause_s"] for x in samples["wake"] if "waited_for_pause_s" in x], 50
     )
@@ -1765,9 +1830,20 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
                 f" paired x{d['ratio_paired_median']:.3f})"
                 f" | {target} | {'-' if limit is None else verdict(r50 <= limit)} |"
             )
+        d = wk["variants"]["provisioned"]
+        cs, calls = d["cold_starts"], d["calls"]
         L.append(
-            "| 5d | provisioned first call | not built yet (no `provisioned_concurrency`)"
-            " | - | - | - | not measured |"
+            f"| 5d | provisioned first call (a fresh function with `provisioned_concurrency: 1`,"
+            f" its instance up >= {PROVISIONED_SETTLE_S:g} s, no other traffic: load 1 <="
+            f" provisioned 1), to its 200, median (p90), {wk['rounds']} rounds; cold starts"
+            f" among the first calls: {cs} of {calls}; failed rounds: provisioned"
+            f" {d['failures']}, bare {bare['failures']}"
+            f" | {d['ms']['p50']:.1f} ({d['ms']['p90']:.1f}) ms"
+            f" | {bare['ms']['p50']:.0f} ({bare['ms']['p90']:.0f}) ms"
+            f" | x{d['ratio_over_bare_p50']:.3f} (p90 x{d['ratio_over_bare_p90']:.3f};"
+            f" paired x{d['ratio_paired_median']:.3f})"
+            f" | 0 cold starts with load <= provisioned"
+            f" | {verdict(cs == 0 and d['failures'] == 0 and calls == wk['rounds'])} |"
         )
     L.append("")
 
@@ -1881,6 +1957,9 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
             f" waited {wk['variants']['wake']['waited_for_pause_s_p50']:.2f} s (p50) for the"
             " engine to report the container paused. Gateway phases come from its"
             " Server-Timing header (`wake`: the invocation waiting for `docker unpause`)."
+            " The provisioned row's instance was seen running"
+            f" {wk['variants']['provisioned']['running_after_s_p50']:.2f} s (p50) after the"
+            f" deploy returned; the call was sent once it had been up {PROVISIONED_SETTLE_S:g} s."
             f" CPU during the part: machine {wk['cpu']['machine_busy_cores']:.2f} cores busy,"
             f" platform {wk['cpu']['platform_cores']:.2f}.\n"
         )
@@ -1969,7 +2048,7 @@ async def amain(a: argparse.Namespace) -> int:
     if "pull" in a.parts:
         budget_s += (a.pull_rounds + a.pull_warmup) * 30
     if "wake" in a.parts:
-        budget_s += (a.wake_rounds + a.wake_warmup) * 20
+        budget_s += (a.wake_rounds + a.wake_warmup) * 30
     # Part 5 needs idle instances frozen; the others need them running (direct rows).
     wake_only = a.parts == {"wake"}
     load_task = asyncio.create_task(sample_load(machine))

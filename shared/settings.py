@@ -60,6 +60,8 @@ class WorkerSettings:
     # How long an invocation may wait for a free instance (max_instances or memory
     # reached) before it fails with ConcurrencyLimitExceeded.
     max_slot_wait_s: float = 10.0
+    # Provisioned instances one worker starts at once (the rest follow as these are up).
+    provision_burst: int = 4
     # Invocations of one function that may wait for a slot on this worker at once; more
     # fail at once with ConcurrencyLimitExceeded, so a hot function cannot take every
     # permit (max_inflight) and stall the others.
@@ -206,6 +208,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             max_inflight=_int(env, "IMAGEFN_WORKER_MAX_INFLIGHT", w.max_inflight),
             memory_capacity_mb=_int(env, "IMAGEFN_WORKER_MEMORY_MB", w.memory_capacity_mb),
             max_slot_wait_s=_float(env, "IMAGEFN_MAX_SLOT_WAIT_S", w.max_slot_wait_s),
+            provision_burst=_int(env, "IMAGEFN_PROVISION_BURST", w.provision_burst),
             max_waiting_per_function=_int(
                 env, "IMAGEFN_MAX_WAITING_PER_FUNCTION", w.max_waiting_per_function
             ),

@@ -41,6 +41,8 @@ return 0
 """
 CONTROL_MAXLEN = 100
 RESEND_AFTER_S = 5.0
+# How many of the most recently deployed functions' images workers keep pulled ahead.
+PREPULL_IMAGES = 20
 
 
 class ColdStartManager:
@@ -52,7 +54,7 @@ class ColdStartManager:
         self._leader = False
         # What was last sent to each worker, and when: resent only if the worker's
         # heartbeat still disagrees a while later (it was lost, or the worker restarted).
-        self._sent: dict[str, tuple[dict[str, int], float]] = {}
+        self._sent: dict[str, tuple[dict[str, int], float, list[str]]] = {}
         self._renew = redis.register_script(_RENEW)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -114,7 +116,11 @@ class ColdStartManager:
     async def reconcile(self) -> dict[str, dict[str, int]]:
         targets: dict[str, int] = {}
         memory: dict[str, int] = {}
-        for record in await self._registry.list():
+        records = await self._registry.list()
+        # Workers pre-pull the newest functions' images, so a cold start rarely pulls.
+        newest = sorted(records, key=lambda r: r.updated_at, reverse=True)[:PREPULL_IMAGES]
+        images = sorted({r.image_ref for r in newest})
+        for record in records:
             n = record.spec.provisioned_concurrency
             if n > 0:
                 key = f"{record.spec.name}@{record.version}"
@@ -129,12 +135,16 @@ class ColdStartManager:
         for view, desired in workers:
             want = plan.get(view.id, {})
             last = self._sent.get(view.id)
-            recently = last is not None and last[0] == want and now - last[1] < RESEND_AFTER_S
-            if want != desired and not recently:
-                self._sent[view.id] = (want, now)
+            same = last is not None and last[0] == want and last[2] == images
+            recently = same and last is not None and now - last[1] < RESEND_AFTER_S
+            if (want != desired or not same) and not recently:
+                self._sent[view.id] = (want, now, images)
                 await self._r.xadd(
                     self._keys.worker_control(view.id),
-                    {"targets": json.dumps(want, sort_keys=True)},
+                    {
+                        "targets": json.dumps(want, sort_keys=True),
+                        "images": json.dumps(images),
+                    },
                     maxlen=CONTROL_MAXLEN,
                     approximate=True,
                 )

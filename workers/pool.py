@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import time
 import uuid
 from typing import Any, Protocol
@@ -86,6 +87,7 @@ class ContainerPool:
         self._by_container: dict[str, Instance] = {}
         self._conds: dict[str, asyncio.Condition] = {}
         self._owners: set[asyncio.Task[None]] = set()
+        self._prepulls: dict[str, asyncio.Task[None]] = {}
         # Invocations waiting for a slot, per function.
         self._waiting: dict[str, int] = {}
         # Functions with invocations waiting for memory, and how many.
@@ -473,6 +475,8 @@ class ContainerPool:
         inst.start_timings["ready"] = time.monotonic() - t3
         if inst.provisioned:
             self._provision_failures.pop((inst.function, inst.record.version), None)
+            # The next of a burst may start now.
+            asyncio.get_running_loop().call_soon(self.reconcile_provisioned)
         # Reserved for the invocation that caused the start, unless it gave up meanwhile.
         inst.transition(State.BUSY if inst.inflight > 0 else State.READY)
         inst.awake.set()
@@ -598,10 +602,16 @@ class ContainerPool:
             # places what does not fit elsewhere on its next tick.
             live = sum(1 for i in self._instances.values() if i.function == key[0] and i.live)
             room = self._settings.memory_capacity_mb - self.memory_used_mb()
+            # Bounded start bursts: a worker told to provision many instances starts a
+            # few at a time (the rest follow as these become ready), so it keeps serving.
+            starting = sum(
+                1 for i in self._instances.values() if i.provisioned and i.state in STARTING_STATES
+            )
             missing = min(
                 missing,
                 record.spec.max_instances - live,
                 room // max(1, record.spec.memory_mb),
+                self._settings.provision_burst - starting,
             )
             for _ in range(max(0, missing)):
                 self._spawn(record, reserved=False, provisioned=True)
@@ -614,6 +624,24 @@ class ContainerPool:
         fails = self._provision_failures.get(key, 0) + 1
         self._provision_failures[key] = fails
         self._provision_retry_at[key] = time.monotonic() + min(60.0, 2.0 ** (fails - 1))
+
+    def prepull(self, image_refs: list[str]) -> None:
+        """Pull images ahead of need, in the background (the image store pulls each once)."""
+        for ref in image_refs:
+            if ref in self._prepulls:
+                continue
+            task = asyncio.create_task(self._prepull(ref), name=f"prepull-{ref[-12:]}")
+            self._prepulls[ref] = task
+            task.add_done_callback(functools.partial(self._prepull_done, ref))
+
+    def _prepull_done(self, ref: str, _task: asyncio.Task[None]) -> None:
+        self._prepulls.pop(ref, None)
+
+    async def _prepull(self, ref: str) -> None:
+        try:
+            await self._images.ensure(ref)
+        except ImagefnError as e:
+            log.warning("prepull_failed", image=ref, error=e.message)
 
     def inventory(self) -> dict[str, dict[str, int]]:
         """Per function version: instances by state, and how many are provisioned."""
@@ -653,6 +681,8 @@ class ContainerPool:
     async def shutdown(self, timeout_s: float) -> None:
         """Stop every instance (in-flight work must already be drained or abandoned)."""
         self._closing = True
+        for task in list(self._prepulls.values()):
+            task.cancel()
         for inst in list(self._instances.values()):
             inst.retire("shutdown")
         for cond in list(self._conds.values()):

@@ -312,6 +312,11 @@ class Worker:
         self._desired = desired
         log.info("provisioning_targets", targets=desired)
         self._pool.set_provisioned(targets)
+        try:
+            images = [str(ref) for ref in json.loads(fields.get(b"images", b"[]"))]
+        except (ValueError, TypeError):
+            images = []
+        self._pool.prepull(images)
 
     async def _remove_orphans(self, include_own: bool = False) -> None:
         """Remove containers of workers that no longer exist (their heartbeat is gone)."""

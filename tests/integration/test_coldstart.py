@@ -138,3 +138,28 @@ async def test_three_workers_provisioned_calls_find_warm_instances_and_survive_a
             60,
             "provisioned instances back on the live workers",
         )
+
+
+async def test_manager_has_workers_prepull_deployed_images(
+    redis_url: str,
+    log_dir: Path,
+    registry: RegistryInfo,
+    pushed_images: None,
+    client: aiohttp.ClientSession,
+) -> None:
+    from tests.integration.test_images import push_variant
+
+    async with running_platform(redis_url, log_dir, registry, workers=1) as p:
+        await p.add_coldstart()
+        name = unique("prepull")
+        repo = f"it/{name}"
+        await push_variant(registry, repo, "prepull")
+        record = await p.deploy(client, name, image=f"{repo}:latest")
+
+        def present() -> bool:
+            return docker("image", "inspect", record["image_ref"], check=False).returncode == 0
+
+        await wait_for(present, 60, "the worker to pre-pull the new image")
+        status, headers, _ = await p.invoke(client, name, {})
+        assert status == 200
+        assert "pull;dur=" not in headers["Server-Timing"]

@@ -206,3 +206,26 @@ async def test_web_instance_serves_instance_concurrency_requests_at_once(
     assert len({inst for inst, _ in results}) == 1
     # They ran together on that instance, not one after another (4 x 1 s).
     assert elapsed < 3.0, elapsed
+
+
+async def test_a_hot_function_at_saturation_does_not_stall_another(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    """Stated bound: while one function is saturated (its one instance busy, a queue of
+    callers waiting), another warm function still answers within 1 s (normally ~5 ms)."""
+    hot, other = unique("hot"), unique("calm")
+    await platform.deploy(client, hot, max_instances=1, timeout_s=30)
+    await platform.deploy(client, other)
+    await platform.invoke(client, hot, {})
+    await platform.invoke(client, other, {})
+    flood = [asyncio.create_task(platform.invoke(client, hot, {"sleep": 0.5})) for _ in range(24)]
+    await asyncio.sleep(0.5)
+    loop = asyncio.get_running_loop()
+    for _ in range(5):
+        started = loop.time()
+        status, headers, _ = await platform.invoke(client, other, {})
+        assert status == 200 and headers["X-Imagefn-Cold-Start"] == "false"
+        assert loop.time() - started < 1.0
+    outcomes = await asyncio.gather(*flood)
+    assert {s for s, _, _ in outcomes} <= {200, 429}
+    assert any(s == 200 for s, _, _ in outcomes)

@@ -948,3 +948,23 @@ async def test_a_hot_function_cannot_hold_every_slot_of_the_worker(
     assert other.error is None and other.body == b"other-fn"
     gate.set()
     assert all(r.error is None for r in await asyncio.gather(running, *waiting))
+
+
+async def test_provisioning_starts_in_bounded_bursts(make_pool: Callable[..., PoolKit]) -> None:
+    kit = make_pool(provision_burst=2)
+    kit.runtime.default = Behaviour(start_delay_s=0.2)
+    record = make_record(max_instances=10)
+    kit.pool.set_provisioned({(record.spec.name, record.version): (record, 5)})
+    await asyncio.sleep(0.05)
+    assert len(kit.runtime.containers) == 2  # the first burst only
+    await eventually(
+        lambda: [i.state for i in kit.pool.instances()] == [State.READY] * 5, timeout_s=5
+    )
+
+
+async def test_prepull_pulls_images_ahead_of_need_once(kit: PoolKit) -> None:
+    record = make_record()
+    kit.pool.prepull([record.image_ref, record.image_ref])
+    await eventually(lambda: [r for r, _ in kit.runtime.pulls] == [record.image_ref])
+    result = await kit.pool.invoke(make_invocation(record))
+    assert result.error is None and "pull" not in result.timings
