@@ -7,10 +7,13 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+from redis.exceptions import RedisError
 
-from gateway.context import IMAGES, REGISTRY
+from gateway.context import IMAGES, REDIS, REGISTRY, SETTINGS
 from gateway.errors import log
-from shared.errors import ImagefnError, InvalidRequest, InvalidSpec
+from shared.errors import ImagefnError, InvalidRequest, InvalidSpec, ServiceUnavailable
+from shared.invocations import InvocationLog
+from shared.keys import Keys
 from shared.spec import parse_spec
 
 routes = web.RouteTableDef()
@@ -98,6 +101,17 @@ async def delete_alias(request: web.Request) -> web.Response:
     await request.app[REGISTRY].delete_alias(name, alias)
     log.info("alias_deleted", function=name, alias=alias)
     return web.Response(status=204)
+
+
+@routes.get("/v1/invocations/{request_id}")
+async def get_invocation(request: web.Request) -> web.Response:
+    keys = Keys(request.app[SETTINGS].queue.prefix)
+    log_ = InvocationLog(request.app[REDIS], keys, request.app[SETTINGS].queue.invocation_ttl_s)
+    try:
+        doc = await log_.get(request.match_info["request_id"])
+    except RedisError as e:
+        raise ServiceUnavailable(f"invocation records unavailable: {e}") from e
+    return web.json_response(doc)
 
 
 @routes.delete("/v1/functions/{name}")

@@ -61,6 +61,12 @@ class FunctionNotFound(ImagefnError):
     http_status = 404
 
 
+class InvocationNotFound(ImagefnError):
+    """No record of that request id (unknown, or past the records' retention)."""
+
+    http_status = 404
+
+
 class VersionNotFound(ImagefnError):
     """The function exists, but not the version or alias an invocation named."""
 

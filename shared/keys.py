@@ -26,6 +26,10 @@ class Keys:
         """Hash: alias name → version number."""
         return f"{self.prefix}:aliases:{function}"
 
+    def invocation(self, request_id: str) -> str:
+        """String with a TTL: the record of one finished invocation (JSON)."""
+        return f"{self.prefix}:invocation:{request_id}"
+
     def inflight(self, function: str) -> str:
         """Sorted set: the function's invocations in flight (member: slot id, score: the
         call's deadline), for max_concurrency."""

@@ -31,6 +31,8 @@ class QueueSettings:
     # is taken over by another worker. Live workers refresh their claims far more often.
     reclaim_idle_ms: int = 15_000
     claim_refresh_s: float = 3.0
+    # How long invocation records (status, timings) are kept for GET /v1/invocations/ID.
+    invocation_ttl_s: int = 86400
     # How long a gateway's reply stream lives after the gateway stops refreshing it.
     reply_ttl_s: int = 120
 
@@ -193,6 +195,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             reclaim_idle_ms=_int(env, "IMAGEFN_RECLAIM_IDLE_MS", q.reclaim_idle_ms),
             claim_refresh_s=_float(env, "IMAGEFN_CLAIM_REFRESH_S", q.claim_refresh_s),
             reply_ttl_s=_int(env, "IMAGEFN_REPLY_TTL_S", q.reply_ttl_s),
+            invocation_ttl_s=_int(env, "IMAGEFN_INVOCATION_TTL_S", q.invocation_ttl_s),
         ),
         gateway=GatewaySettings(
             host=env.get("IMAGEFN_GATEWAY_HOST") or g.host,

@@ -28,6 +28,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from shared.errors import FunctionNotFound, ImagefnError, InternalError, VersionNotFound
+from shared.invocations import InvocationLog
 from shared.keys import Keys
 from shared.messages import InvocationResult
 from shared.queue.base import Delivery, InvocationQueue
@@ -67,6 +68,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._registry = FunctionRegistry(redis, self._keys)
+        self._invocations = InvocationLog(redis, self._keys, settings.queue.invocation_ttl_s)
         # The cold-start manager's last command ("name@version" → instances), echoed in
         # the heartbeat so it can tell whether this worker has it.
         self._desired: dict[str, int] = {}
@@ -206,6 +208,11 @@ class Worker:
             timings=result.timings,
         )
         await self._finish(d, result)
+        try:
+            # After the result is delivered: the caller does not wait for the record.
+            await self._invocations.record(inv, result)
+        except RedisError as e:
+            log.warning("invocation_record_failed", error=str(e))
 
     async def _finish(self, d: Delivery, result: InvocationResult | None) -> None:
         # A result that cannot be delivered must not be acknowledged: retry until Redis

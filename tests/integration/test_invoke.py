@@ -229,3 +229,27 @@ async def test_a_hot_function_at_saturation_does_not_stall_another(
     outcomes = await asyncio.gather(*flood)
     assert {s for s, _, _ in outcomes} <= {200, 429}
     assert any(s == 200 for s, _, _ in outcomes)
+
+
+async def test_invocation_record_shows_where_the_time_went(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("record")
+    await platform.deploy(client, name)
+    _, headers, _ = await platform.invoke(client, name, {})
+    rid = headers["X-Request-Id"]
+    record: dict[str, object] = {}
+    for _ in range(50):  # written just after the reply
+        async with client.get(f"{platform.url}/v1/invocations/{rid}") as resp:
+            if resp.status == 200:
+                record = await resp.json()
+                break
+        await asyncio.sleep(0.05)
+    assert record["function"] == name and record["status"] == 200
+    assert record["cold_start"] is True and record["error"] is None
+    assert record["instance"] == headers["X-Imagefn-Instance"]
+    timings = record["timings_ms"]
+    assert isinstance(timings, dict) and {"create", "start", "ready", "run"} <= set(timings)
+    async with client.get(f"{platform.url}/v1/invocations/never-was-1234") as resp:
+        assert resp.status == 404
+        assert resp.headers["X-Scf-Error-Type"] == "InvocationNotFound"

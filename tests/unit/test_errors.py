@@ -15,6 +15,7 @@ EXPECTED: list[tuple[type[ImagefnError], int | None, int]] = [
     (E.Unauthorized, None, 401),
     (E.FunctionNotFound, None, 404),
     (E.VersionNotFound, None, 404),
+    (E.InvocationNotFound, None, 404),
     (E.RequestTooLarge, 406, 413),
     (E.ResourceLimitReached, 429, 429),
     (E.ConcurrencyLimitExceeded, 432, 429),
