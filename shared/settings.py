@@ -184,6 +184,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     deploy_user = env.get("IMAGEFN_DEPLOY_USER") or r.deploy_user
     if deploy_user == WORKER_USER:
         raise InvalidRequest(f"setting IMAGEFN_DEPLOY_USER: {WORKER_USER!r} is the workers' name")
+    worker_id = env.get("IMAGEFN_WORKER_ID") or default_worker_id()
+    if any(c in worker_id for c in ": \t\n*?[]"):
+        # It becomes part of Redis key names and patterns.
+        raise InvalidRequest(
+            f"setting IMAGEFN_WORKER_ID={worker_id!r}: no ':', spaces or glob characters"
+        )
     backend = env.get("IMAGEFN_QUEUE_BACKEND") or q.backend
     if backend not in ("redis",):
         raise InvalidRequest(f"setting IMAGEFN_QUEUE_BACKEND={backend!r}: supported: redis")
@@ -206,7 +212,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             function_cache_s=_float(env, "IMAGEFN_FUNCTION_CACHE_S", g.function_cache_s),
         ),
         worker=WorkerSettings(
-            worker_id=env.get("IMAGEFN_WORKER_ID") or default_worker_id(),
+            worker_id=worker_id,
             docker_url=env.get("IMAGEFN_DOCKER_URL") or None,
             max_inflight=_int(env, "IMAGEFN_WORKER_MAX_INFLIGHT", w.max_inflight),
             memory_capacity_mb=_int(env, "IMAGEFN_WORKER_MEMORY_MB", w.memory_capacity_mb),

@@ -111,6 +111,8 @@ class Worker:
 
     async def _drain(self) -> None:
         log.info("worker_draining", inflight=len(self._handlers))
+        with contextlib.suppress(RedisError):
+            await self._heartbeat_once()  # now empty: gateways stop routing here
         consume = self._loops[0]
         # Let the consume loop finish its current read (at most CONSUME_BLOCK_S) rather
         # than cancel it mid-read: entries Redis already handed us would otherwise sit
@@ -256,14 +258,19 @@ class Worker:
                 log.warning("periodic_task_failed", task=fn.__name__, error=str(e))
 
     async def _heartbeat_once(self) -> None:
-        # The heartbeat carries the inventory the cold-start manager plans with.
-        self._pool.reconcile_provisioned()
+        # The heartbeat carries the inventory the cold-start manager plans with and the
+        # gateways route by. A draining worker shows no instances: nothing is routed to
+        # it while it stops reading.
+        draining = self._stopping.is_set()
+        if not draining:
+            self._pool.reconcile_provisioned()
         inventory = {
             "worker": self.worker_id,
             "ts": time.time(),
+            "draining": draining,
             "memory_capacity_mb": self._ws.memory_capacity_mb,
             "memory_used_mb": self._pool.memory_used_mb(),
-            "functions": self._pool.inventory(),
+            "functions": {} if draining else self._pool.inventory(),
             "desired": self._desired,
         }
         await self._redis.set(

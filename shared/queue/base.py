@@ -107,7 +107,8 @@ class InvocationQueue(ABC):
 
     @abstractmethod
     async def consume(self, consumer: str, max_count: int, block_s: float) -> list[Delivery]:
-        """Take up to ``max_count`` new invocations, waiting up to ``block_s`` for one."""
+        """Take up to ``max_count`` new invocations (one more at most, when reading from
+        several sources), waiting up to ``block_s`` for one."""
 
     @abstractmethod
     async def reclaim(self, consumer: str, max_count: int) -> list[Delivery]:

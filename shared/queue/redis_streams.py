@@ -42,6 +42,9 @@ REPLY_TRIM_EVERY = 100
 # Blocking reads must return before the client's socket timeout (redis-py: 5 s).
 REPLY_BLOCK_MS = 2000
 RECLAIM_PAGES_PER_CALL = 10
+_DELETE_IF_EMPTY = (
+    "if redis.call('XLEN', KEYS[1]) == 0 then return redis.call('DEL', KEYS[1]) end return 0"
+)
 # An invocation handed out this many times has crashed workers repeatedly; stop retrying.
 MAX_ATTEMPTS = 5
 
@@ -169,7 +172,9 @@ class RedisStreamsQueue(InvocationQueue):
                 self._keys.workers_group,
                 consumer,
                 streams,  # type: ignore[arg-type]
-                count=max_count,
+                # COUNT applies to each stream: halve it so both together stay within
+                # max_count (one over at most, when max_count is 1).
+                count=max(1, max_count // 2),
                 block=max(1, int(block_s * 1000)),
             )
         except ResponseError as e:
@@ -266,10 +271,9 @@ class RedisStreamsQueue(InvocationQueue):
         )
         out = await self._deliveries(resp, attempt=1)
         out += await self._autoclaim(stream, consumer, max_count - len(out))
-        if not out and not await self._r.xlen(stream):
-            # Empty and owned by nobody alive: remove it (a late XADD recreates it, and the
-            # next pass adopts that too).
-            await self._r.delete(stream)
+        # Empty and owned by nobody alive: remove it, atomically with the emptiness check
+        # (a late XADD recreates it, and the next pass adopts that too).
+        if not out and await self._r.eval(_DELETE_IF_EMPTY, 1, stream):
             self._groups.discard(stream)
             self._reclaim_cursors.pop(stream, None)
             log.info("worker_stream_adopted", stream=stream)

@@ -282,3 +282,9 @@ def test_env_file_values_load_as_settings(tmp_path: Path) -> None:
     path.write_text("IMAGEFN_WORKER_SECRET=w0rker-secret\nIMAGEFN_TOKEN_TTL_S=600\n")
     s = load_settings({**read_env_file(str(path)), "IMAGEFN_TOKEN_TTL_S": "60"})
     assert (s.registry.worker_secret, s.registry.token_ttl_s) == ("w0rker-secret", 60)
+
+
+@pytest.mark.parametrize("bad", ["a:b", "has space", "glob*"])
+def test_worker_ids_that_would_break_key_names_are_refused(bad: str) -> None:
+    with pytest.raises(InvalidRequest, match="IMAGEFN_WORKER_ID"):
+        load_settings({"IMAGEFN_WORKER_ID": bad})
