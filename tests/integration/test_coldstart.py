@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 
-from tests.integration.conftest import RegistryInfo, docker, running_platform, unique
-
-
-async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
+from tests.integration.conftest import RegistryInfo, docker, running_platform, unique, wait_for
 
 
 def running(function: str) -> list[str]:
