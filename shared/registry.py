@@ -3,8 +3,8 @@ Redis.
 
 Every deploy publishes a new version (numbered 1, 2, ... per function, never reused) with
 the image pinned by digest; ``$LATEST`` is the newest. An alias names a version and can be
-moved (rollback). Each write is a single MULTI/EXEC, so readers see a deploy whole or not
-at all.
+moved (rollback). A deploy is written by one Lua script, so readers see it whole or not at
+all, and $LATEST only ever moves to a higher version.
 """
 
 from __future__ import annotations
@@ -14,12 +14,24 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from shared.errors import FunctionNotFound, InvalidRequest, ServiceUnavailable, VersionNotFound
 from shared.keys import Keys
 from shared.spec import FunctionRecord, FunctionSpec
 
+# Publish a version and make it $LATEST only if no newer one is: two deploys of one
+# function racing (through two gateways) must leave $LATEST on the higher version.
+PUBLISH_SCRIPT = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local current = redis.call('HGET', KEYS[2], ARGV[3])
+if current and tonumber(cjson.decode(current)['version']) > tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[2])
+return 1
+"""
 # Bound on the records one gateway caches (it simply starts over past this).
 MAX_CACHED = 10_000
 LATEST = "$LATEST"
@@ -51,6 +63,7 @@ class FunctionRegistry:
         self._keys = keys
         self._cache_ttl_s = cache_ttl_s
         self._cache: dict[tuple[str, str], tuple[float, FunctionRecord]] = {}
+        self._publish: AsyncScript | None = None
 
     def _forget(self, name: str) -> None:
         for key in [k for k in self._cache if k[0] == name]:
@@ -77,10 +90,12 @@ class FunctionRegistry:
                 updated_at=now,
             )
             raw = record.to_json()
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.hset(self._keys.versions(spec.name), str(version), raw)
-                pipe.hset(self._keys.functions, spec.name, raw)
-                await pipe.execute()
+            if self._publish is None:
+                self._publish = self._r.register_script(PUBLISH_SCRIPT)
+            await self._publish(
+                keys=[self._keys.versions(spec.name), self._keys.functions],
+                args=[version, raw, spec.name],
+            )
         except RedisError as e:
             raise _unavailable(e) from e
         self._forget(spec.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -129,3 +130,22 @@ def test_openapi_describes_exactly_the_served_routes() -> None:
         path = path.replace("{tail}", "{path}")
         served.add((path, route.method))
     assert documented == served
+
+
+async def test_concurrent_deploys_leave_latest_on_the_highest_version(
+    platform: Platform, client: aiohttp.ClientSession
+) -> None:
+    name = unique("race")
+
+    async def deploy(i: int) -> int:
+        spec = {"image": TESTFN, "env": {"TEST_N": str(i)}}
+        async with client.put(f"{platform.url}/v1/functions/{name}", json=spec) as resp:
+            assert resp.status in (200, 201)
+            version: int = (await resp.json())["version"]
+            return version
+
+    versions = await asyncio.gather(*(deploy(i) for i in range(8)))
+    async with client.get(f"{platform.url}/v1/functions/{name}/versions") as resp:
+        listing = await resp.json()
+    assert sorted(versions) == [v["version"] for v in listing["versions"]]
+    assert listing["latest"] == max(versions)

@@ -7,6 +7,7 @@ import contextlib
 import fnmatch
 import hashlib
 import itertools
+import json
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -435,6 +436,29 @@ class FakeRedis:
 
     def pipeline(self, transaction: bool = True) -> FakePipeline:
         return FakePipeline(self, transaction)
+
+    def register_script(self, script: str) -> Callable[..., Awaitable[int]]:
+        """Only the registry's publish script is known (its semantics, in Python)."""
+        from shared.registry import PUBLISH_SCRIPT
+
+        if script != PUBLISH_SCRIPT:
+            raise NotImplementedError("FakeRedis runs only the registry's publish script")
+
+        async def publish(keys: list[str], args: list[Any]) -> int:
+            if self.before_execute is not None:
+                await self.before_execute(["evalsha"])
+            self._run("evalsha")
+            versions, functions = keys
+            version, raw, name = int(args[0]), self._b(args[1]), str(args[2])
+            self.hashes.setdefault(versions, {})[str(version)] = raw
+            current = self.hashes.get(functions, {}).get(name)
+            self.transactions.append([("hset", versions), ("hset", functions)])
+            if current is not None and json.loads(current)["version"] > version:
+                return 0
+            self.hashes.setdefault(functions, {})[name] = raw
+            return 1
+
+        return publish
 
     async def ping(self) -> bool:
         if self.ping_error is not None:

@@ -491,13 +491,13 @@ async def test_deploy_publishes_a_version_in_one_transaction(gw: Gateway) -> Non
 
 
 async def test_redis_failure_on_deploy_is_503_and_writes_nothing(gw: Gateway) -> None:
-    gw.redis.fail["execute"] = RedisConnectionError("Connection reset by peer")
+    gw.redis.fail["evalsha"] = RedisConnectionError("Connection reset by peer")
     resp = await gw.client.put("/v1/functions/hello", json=EVENT_SPEC)
     err = await error_of(resp, 503, "ServiceUnavailable")
     assert "Connection reset" in err["message"]
     assert "imagefn:functions" not in gw.redis.hashes
     assert "imagefn:versions:hello" not in gw.redis.hashes
-    del gw.redis.fail["execute"]
+    del gw.redis.fail["evalsha"]
     # The next deploy works; the lost number is simply skipped.
     assert (await gw.deploy(EVENT_SPEC))["version"] == 2
 

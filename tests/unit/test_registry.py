@@ -87,10 +87,10 @@ async def test_version_numbers_are_per_function(reg: FunctionRegistry) -> None:
 
 async def test_failed_publish_writes_no_version(reg: FunctionRegistry, redis: FakeRedis) -> None:
     await publish(reg)
-    redis.fail["execute"] = RedisConnectionError("Connection reset by peer")
+    redis.fail["evalsha"] = RedisConnectionError("Connection reset by peer")
     with pytest.raises(ServiceUnavailable, match="Connection reset"):
         await publish(reg, content="lost")
-    del redis.fail["execute"]
+    del redis.fail["evalsha"]
     assert set(redis.hashes["t:versions:fn"]) == {"1"}
     assert (await reg.resolve("fn")).version == 1
     # Its number is not reused.
@@ -411,12 +411,6 @@ async def test_redis_error_while_checking_a_missing_version_is_service_unavailab
         await reg.resolve("fn", "9")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN: the version number is taken before the MULTI and $LATEST is written "
-    "unconditionally; two concurrent deploys of one function can leave $LATEST on the "
-    "older version (fix: one Lua script that sets $LATEST only if newer)",
-)
 async def test_concurrent_deploys_leave_latest_on_the_newest_version(
     reg: FunctionRegistry, redis: FakeRedis
 ) -> None:
