@@ -54,8 +54,9 @@ fi
 if ! [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; then
   step "starting Redis on 127.0.0.1:$REDIS_PORT"
   mkdir -p "$REDIS_DIR"
+  # Append-only file: deployed functions, versions and aliases survive a restart.
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
-    --save '' --appendonly no --dir "$REDIS_DIR" >/dev/null
+    --save '' --appendonly yes --appendfsync everysec --dir "$REDIS_DIR" >/dev/null
   wait_for 20 redis-cli -p "$REDIS_PORT" ping || die "Redis did not answer on port $REDIS_PORT"
 fi
 
