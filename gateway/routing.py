@@ -1,10 +1,11 @@
 """Warm-affinity routing: send an invocation to a worker that holds a free warm instance
 of its function version, so that it does not start one while another worker could serve.
 
-The gateway keeps the workers' inventories (their heartbeats) in memory, refreshed every
-``REFRESH_S`` by one owned task; the choice itself is the pure ``pick_worker``. With no
-worker holding a free instance, the invocation goes to the shared stream and whichever
-worker has room takes it (and starts an instance if it must).
+The gateway keeps the workers' inventories (their heartbeats, found through the worker
+index of ``shared.liveness``) in memory, refreshed every ``REFRESH_S`` by one owned task;
+the choice itself is the pure ``pick_worker``. With no worker holding a free instance, the
+invocation goes to the shared stream and whichever worker has room takes it (and starts an
+instance if it must).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from shared.keys import Keys
+from shared.liveness import heartbeats
 
 log = structlog.get_logger("imagefn.routing")
 
@@ -86,17 +88,15 @@ class WarmRouter:
 
     async def _refresh(self) -> None:
         inventories: Inventories = {}
-        keys = [k async for k in self._r.scan_iter(self._keys.worker_heartbeat_pattern)]
-        if keys:
-            for raw in await self._r.mget(keys):
-                if raw is None:
-                    continue
-                try:
-                    inv: dict[str, Any] = json.loads(raw)
-                    inventories[str(inv["worker"])] = {
-                        str(k): {str(f): int(n) for f, n in v.items()}
-                        for k, v in inv["functions"].items()
-                    }
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    continue
+        for raw in (await heartbeats(self._r, self._keys)).values():
+            if raw is None:
+                continue
+            try:
+                inv: dict[str, Any] = json.loads(raw)
+                inventories[str(inv["worker"])] = {
+                    str(k): {str(f): int(n) for f, n in v.items()}
+                    for k, v in inv["functions"].items()
+                }
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
         self._inventories = inventories

@@ -44,10 +44,6 @@ class Keys:
         """Stream of invocations routed to one worker (it holds a warm instance)."""
         return f"{self.prefix}:invocations:w:{worker_id}"
 
-    @property
-    def worker_invocations_pattern(self) -> str:
-        return f"{self.prefix}:invocations:w:*"
-
     workers_group = "workers"
 
     def replies(self, gateway_id: str) -> str:
@@ -60,8 +56,9 @@ class Keys:
         return f"{self.prefix}:worker:{worker_id}"
 
     @property
-    def worker_heartbeat_pattern(self) -> str:
-        return f"{self.prefix}:worker:*"
+    def workers_index(self) -> str:
+        """Sorted set: worker id → time of its last heartbeat (see shared.liveness)."""
+        return f"{self.prefix}:workers"
 
     def worker_control(self, worker_id: str) -> str:
         """Stream of desired-state commands for one worker (from the cold-start manager)."""

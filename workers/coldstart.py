@@ -24,6 +24,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from shared.keys import Keys
+from shared.liveness import heartbeats
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
 from workers.placement import WorkerView, plan_provisioning
@@ -93,8 +94,7 @@ class ColdStartManager:
 
     async def _workers(self) -> list[tuple[WorkerView, dict[str, int]]]:
         out: list[tuple[WorkerView, dict[str, int]]] = []
-        async for key in self._r.scan_iter(self._keys.worker_heartbeat_pattern):
-            raw = await self._r.get(key)
+        for raw in (await heartbeats(self._r, self._keys)).values():
             if raw is None:
                 continue
             try:

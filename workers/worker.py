@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from shared.errors import FunctionNotFound, ImagefnError, InternalError, VersionNotFound
 from shared.invocations import InvocationLog
 from shared.keys import Keys
+from shared.liveness import announce
 from shared.messages import InvocationResult
 from shared.queue.base import Delivery, InvocationQueue
 from shared.queue.redis_streams import MAX_ATTEMPTS
@@ -273,10 +274,12 @@ class Worker:
             "functions": {} if draining else self._pool.inventory(),
             "desired": self._desired,
         }
-        await self._redis.set(
-            self._keys.worker_heartbeat(self.worker_id),
+        await announce(
+            self._redis,
+            self._keys,
+            self.worker_id,
             json.dumps(inventory, separators=(",", ":")),
-            px=int(self._ws.heartbeat_ttl_s * 1000),
+            int(self._ws.heartbeat_ttl_s * 1000),
         )
 
     async def _follow_control(self) -> None:

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from shared.errors import ServiceUnavailable
 from shared.keys import Keys
+from shared.liveness import forget, heartbeats
 from shared.messages import Invocation, InvocationResult
 from shared.queue.base import Delivery, InvocationQueue
 from shared.settings import QueueSettings
@@ -222,12 +223,14 @@ class RedisStreamsQueue(InvocationQueue):
             out += await self._autoclaim(stream, consumer, max_count - len(out))
             if len(out) >= max_count:
                 return out
-        async for key in self._r.scan_iter(self._keys.worker_invocations_pattern):
-            stream = key.decode() if isinstance(key, bytes) else str(key)
-            owner = stream.rsplit(":", 1)[1]
-            if owner == consumer or await self._r.exists(self._keys.worker_heartbeat(owner)):
+        for owner, beat in (await heartbeats(self._r, self._keys)).items():
+            if owner == consumer or beat is not None:
                 continue
-            out += await self._adopt(stream, consumer, max_count - len(out))
+            stream = self._keys.worker_invocations(owner)
+            if await self._r.exists(stream):
+                out += await self._adopt(stream, consumer, max_count - len(out))
+            else:
+                await forget(self._r, self._keys, owner)  # dead, and nothing left of it
             if len(out) >= max_count:
                 break
         return out

@@ -346,6 +346,7 @@ class FakePipeline:
         self._redis = redis
         self.transaction = transaction
         self._ops: list[tuple[str, tuple[Any, ...]]] = []
+        self._kwargs: list[dict[str, Any]] = []
 
     async def __aenter__(self) -> FakePipeline:
         return self
@@ -353,9 +354,19 @@ class FakePipeline:
     async def __aexit__(self, *exc: object) -> None:
         self._ops.clear()
 
-    def _queue(self, name: str, *args: Any) -> FakePipeline:
+    def _queue(self, name: str, *args: Any, **kwargs: Any) -> FakePipeline:
         self._ops.append((name, args))
+        self._kwargs.append(kwargs)
         return self
+
+    def set(self, key: str, value: Any, px: int | None = None) -> FakePipeline:
+        return self._queue("set", key, value, px=px)
+
+    def zadd(self, key: str, mapping: dict[str, float]) -> FakePipeline:
+        return self._queue("zadd", key, mapping)
+
+    def zremrangebyscore(self, key: str, low: Any, high: Any) -> FakePipeline:
+        return self._queue("zremrangebyscore", key, low, high)
 
     def hset(self, key: str, name: str, value: Any) -> FakePipeline:
         return self._queue("hset", key, name, value)
@@ -381,12 +392,13 @@ class FakePipeline:
             r._fail_if_told("execute")
             r._fail_if_told(name)
         ops, self._ops = self._ops, []
+        kwargs, self._kwargs = self._kwargs, []
         if self.transaction:
             r.transactions.append([(name, args[0]) for name, args in ops])
         results = []
-        for name, args in ops:
+        for (name, args), kw in zip(ops, kwargs, strict=True):
             # None of these suspend: nothing runs between them, as with MULTI/EXEC.
-            results.append(await getattr(r, name)(*args))
+            results.append(await getattr(r, name)(*args, **kw))
         return results
 
 
@@ -403,6 +415,7 @@ class FakeRedis:
     def __init__(self) -> None:
         self.hashes: dict[str, dict[str, bytes]] = {}
         self.strings: dict[str, bytes] = {}
+        self.zsets: dict[str, dict[str, float]] = {}
         self.ttls_ms: dict[str, int] = {}
         self.ping_error: Exception | None = None
         self.closed = False
@@ -471,6 +484,33 @@ class FakeRedis:
         if px is not None:
             self.ttls_ms[key] = px
         return True
+
+    async def zadd(self, key: str, mapping: dict[str, float]) -> int:
+        self._run("zadd")
+        zset = self.zsets.setdefault(key, {})
+        added = sum(1 for m in mapping if m not in zset)
+        zset.update(mapping)
+        return added
+
+    async def zrange(self, key: str, start: int, end: int) -> list[bytes]:
+        self._run("zrange")
+        members = sorted(self.zsets.get(key, {}).items(), key=lambda kv: (kv[1], kv[0]))
+        stop = None if end == -1 else end + 1
+        return [m.encode() for m, _ in members[start:stop]]
+
+    async def zrem(self, key: str, *members: str) -> int:
+        self._run("zrem")
+        zset = self.zsets.get(key, {})
+        return sum(1 for m in members if zset.pop(m, None) is not None)
+
+    async def zremrangebyscore(self, key: str, low: Any, high: Any) -> int:
+        self._run("zremrangebyscore")
+        lo = float("-inf") if low == "-inf" else float(low)
+        zset = self.zsets.get(key, {})
+        gone = [m for m, score in zset.items() if lo <= score <= float(high)]
+        for m in gone:
+            del zset[m]
+        return len(gone)
 
     async def exists(self, *keys: str) -> int:
         self._run("exists")
