@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import datetime
 import json
+import tempfile
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,6 +23,7 @@ from gateway.context import SETTINGS, TOKENS
 from gateway.tokens import TokenIssuer
 from shared.errors import PullImageFailed, PullImageTimeout, ServiceUnavailable
 from shared.settings import WORKER_USER, RegistrySettings, Settings
+from tests.integration.registry_support import make_token_keys
 from workers.images import ImageStore, TokenSource
 
 from .fakes import FakeRuntime, FakeTokens, PullBehaviour, fake_digest, pull_failure
@@ -439,27 +441,12 @@ async def test_unreachable_token_service_is_pull_image_failed(
 
 
 def _issuer(settings: RegistrySettings) -> TokenIssuer:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imagefn-test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return TokenIssuer(
-        key, cert, issuer=settings.issuer, service=settings.service, ttl_s=settings.token_ttl_s
-    )
+    # The same key material the integration fixtures make, in a throwaway directory.
+    with tempfile.TemporaryDirectory() as d:
+        key, cert = make_token_keys(Path(d))
+        return TokenIssuer.from_files(
+            key, cert, issuer=settings.issuer, service=settings.service, ttl_s=settings.token_ttl_s
+        )
 
 
 def _claims(token: str) -> dict[str, Any]:
