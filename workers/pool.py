@@ -37,7 +37,7 @@ from shared.spec import FunctionRecord
 from workers import decisions
 from workers.forwarder import ConnectionLost, Forwarder, Response
 from workers.instance import ASLEEP_STATES, STARTING_STATES, Instance, State
-from workers.probe import diagnose_listeners, probe_port
+from workers.probe import diagnose_listeners, listens_on_9000, probe_port
 from workers.runtime import (
     LABEL_FUNCTION,
     LABEL_INSTALLATION,
@@ -487,8 +487,11 @@ class ContainerPool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + spec.init_timeout_s
         next_state_check = loop.time() + STATE_CHECK_EVERY_S
+        pid = (await self._runtime.state(inst.container_id)).pid
         while loop.time() < deadline:
-            if await probe_port(inst.host_port):
+            # The probe through the published port, confirmed from the host's /proc where
+            # it can be read (the proxy alone can look ready a moment too early).
+            if await probe_port(inst.host_port) and await listens_on_9000(pid) is not False:
                 return
             if inst.retire_reason:
                 raise ContainerInitError(f"instance retired while starting: {inst.retire_reason}")

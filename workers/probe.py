@@ -34,13 +34,16 @@ async def probe_port(host_port: int) -> bool:
     return data != b""
 
 
-def _listeners(pid: int) -> list[str]:
+def _listeners(pid: int) -> list[str] | None:
+    """Listening addresses in the process's network namespace; None when unreadable."""
     found: list[str] = []
+    readable = False
     for name, v6 in (("tcp", False), ("tcp6", True)):
         try:
             lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
         except OSError:
             continue
+        readable = True
         for line in lines:
             parts = line.split()
             if len(parts) < 4 or parts[3] != TCP_LISTEN:
@@ -55,7 +58,7 @@ def _listeners(pid: int) -> list[str]:
                 octets = [str(int(addr_hex[i : i + 2], 16)) for i in (6, 4, 2, 0)]
                 addr = ".".join(octets)
             found.append(f"{addr}:{port}")
-    return sorted(set(found))
+    return sorted(set(found)) if readable else None
 
 
 async def diagnose_listeners(pid: int) -> list[str]:
@@ -66,4 +69,17 @@ async def diagnose_listeners(pid: int) -> list[str]:
     """
     if pid <= 0:
         return []
-    return await asyncio.to_thread(_listeners, pid)
+    return await asyncio.to_thread(_listeners, pid) or []
+
+
+async def listens_on_9000(pid: int) -> bool | None:
+    """Whether a server in the container listens on 0.0.0.0:9000 (or [::]:9000), read
+    from the host's /proc; None when that cannot be read (another host's engine, no
+    permission). It settles what the proxy probe cannot: under load the userland proxy
+    may hold a connection open for a moment even though nothing listens inside yet."""
+    if pid <= 0:
+        return None
+    found = await asyncio.to_thread(_listeners, pid)
+    if found is None:
+        return None
+    return any(a in found for a in ("0.0.0.0:9000", ":::9000"))

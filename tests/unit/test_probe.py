@@ -75,3 +75,20 @@ async def test_listeners_of_a_process_are_read_from_proc() -> None:
 
 async def test_gone_process_has_no_listeners() -> None:
     assert await diagnose_listeners(2**22 + 12345) == []
+
+
+async def test_listeners_are_read_from_proc_and_unreadable_is_not_false() -> None:
+    import os
+    import socket
+
+    from workers.probe import _listeners, listens_on_9000
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        found = _listeners(os.getpid())
+        assert found is not None and f"0.0.0.0:{port}" in found
+    assert _listeners(2**22 + 12345) is None  # no such process: unreadable, not "none"
+    assert await listens_on_9000(2**22 + 12345) is None
+    assert await listens_on_9000(0) is None
