@@ -69,7 +69,7 @@ if ! .venv/bin/python -c '' 2>/dev/null; then
 fi
 if [ ! -x .venv/bin/imagefn ] || [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   step "installing imagefn and its dev tools into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev,broker]'
   touch "$STAMP"
 fi
 
@@ -90,4 +90,6 @@ for dir in examples/*/ tests/images/*/; do
 done
 # --- private registry (token auth; keys and credentials under /var/lib/imagefn) -----
 bash deploy/registry.sh
+# --- Kafka-protocol broker (invocation queue backend "kafka", container logs) -------
+bash deploy/kafka.sh
 step "setup done"

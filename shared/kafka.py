@@ -1,0 +1,114 @@
+"""Kafka clients and topics, made one way for every component.
+
+The platform owns three topics, all named after ``KafkaSettings.topic_prefix``:
+
+* ``{prefix}.invocations`` — the invocation queue's Kafka backend (shared/queue/kafka.py);
+* ``{prefix}.replies``     — results travelling back to the waiting gateways;
+* ``{prefix}.logs``        — container output and the platform's per-invocation records
+  (shared/logrecords.py), keyed by function name.
+
+Topics are created when missing, with the partition counts of the settings; an existing
+topic is used as it is (an operator may have made it bigger). Only the Kafka protocol is
+used, so Apache Kafka, Redpanda and the Tansu test broker all work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from shared.settings import KafkaSettings, LogSettings
+
+log = structlog.get_logger("imagefn.kafka")
+
+
+@dataclass(frozen=True)
+class Topics:
+    invocations: str
+    replies: str
+    logs: str
+
+    @classmethod
+    def of(cls, settings: KafkaSettings) -> Topics:
+        p = settings.topic_prefix
+        return cls(invocations=f"{p}.invocations", replies=f"{p}.replies", logs=f"{p}.logs")
+
+
+def producer(settings: KafkaSettings, **overrides: object) -> AIOKafkaProducer:
+    """A producer that waits for every in-sync replica (acks=all): a record counts as
+    accepted only once the cluster would keep it through a broker failure."""
+    options: dict[str, object] = {
+        "bootstrap_servers": settings.bootstrap,
+        "acks": "all",
+        "enable_idempotence": settings.idempotent_producer,
+        "linger_ms": 0,
+        "request_timeout_ms": 10_000,
+        "client_id": "imagefn",
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def consumer(settings: KafkaSettings, *topics: str, **overrides: object) -> AIOKafkaConsumer:
+    """A consumer with manual commits (the platform decides when work is done)."""
+    options: dict[str, object] = {
+        "bootstrap_servers": settings.bootstrap,
+        "enable_auto_commit": False,
+        "client_id": "imagefn",
+        # Brokers answer a fetch as soon as a record arrives; this bounds the wait only
+        # when nothing does.
+        "fetch_max_wait_ms": 500,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+async def ensure_topics(
+    settings: KafkaSettings, logs: LogSettings | None = None, *, which: tuple[str, ...] = ()
+) -> Topics:
+    """Create the platform's topics that do not exist yet (all, or those named in
+    ``which``: "invocations", "replies", "logs"); return their names."""
+    topics = Topics.of(settings)
+    wanted = {
+        "invocations": NewTopic(
+            topics.invocations, settings.invocation_partitions, settings.replication_factor
+        ),
+        "replies": NewTopic(
+            topics.replies,
+            settings.reply_partitions,
+            settings.replication_factor,
+            # Results are read within milliseconds; an hour is plenty for a slow reader.
+            topic_configs={"retention.ms": str(3_600_000)},
+        ),
+        "logs": NewTopic(
+            topics.logs,
+            settings.log_partitions,
+            settings.replication_factor,
+            topic_configs={
+                "retention.ms": str((logs or LogSettings()).retention_hours * 3_600_000)
+            },
+        ),
+    }
+    chosen = [wanted[w] for w in (which or tuple(wanted))]
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id="imagefn")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in chosen if t.name not in existing]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+                log.info("kafka_topics_created", topics=[t.name for t in missing])
+            except TopicAlreadyExistsError:
+                pass  # another process created them first
+            except KafkaError as e:
+                # Some brokers answer per topic; "already exists" is success here.
+                if "already exists" not in str(e).lower():
+                    raise
+    finally:
+        await admin.close()
+    return topics
