@@ -309,7 +309,24 @@ class LogStream:
         except (ValueError, TypeError):
             self.unreadable += 1
             return None
-        return record if record.get("function") == self.query.function else None
+        if record.get("function") != self.query.function:
+            return None
+        if not _well_formed(record):
+            self.unreadable += 1
+            return None
+        return record
+
+
+def _well_formed(record: dict[str, Any]) -> bool:
+    """Whether the fields ``LogQuery.matches`` reads have their types: one malformed
+    record must not break every query of its function."""
+    ts = record.get("ts")
+    concurrent = record.get("concurrent")
+    return (
+        isinstance(ts, int | float)
+        and not isinstance(ts, bool)
+        and (concurrent is None or isinstance(concurrent, list))
+    )
 
 
 class LogReader:

@@ -217,7 +217,14 @@ async def test_queries_by_function_version_request_and_time(
     await shipper.send(old, *r1, b.line(now - 40, "other function", "req-b"), *r2)
     # A retried batch: the same records again, later in the partition.
     await shipper.send(r1[1], r2[1])
-    await shipper.send_raw(fn, b"not json at all", now - 15)
+    # Records nobody can read are skipped; they do not break the function's queries.
+    for junk in (
+        b"not json at all",
+        b"[1, 2]",
+        logrecords.dumps({"type": "line", "function": fn, "ts": "yesterday", "line": "x"}),
+        logrecords.dumps({"type": "line", "function": fn, "ts": now - 15, "concurrent": 5}),
+    ):
+        await shipper.send_raw(fn, junk, now - 15)
     await shipper.send(raw, stray)
 
     recent = [*r1, *r2, raw, stray]
