@@ -10,31 +10,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
+import re
 import signal
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from aiodocker.exceptions import DockerError
 from redis.exceptions import RedisError
 
+from cli.logs import render as render_log
+from cli.logs import sse_events
 from shared.errors import ImagefnError
 from shared.logs import configure_logging
 from shared.settings import DEFAULT_ENV_FILE, Settings, load_settings, read_env_file
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
+# What the gateway accepts as a caller's request id (gateway.app.CALLER_REQUEST_ID).
+CALLER_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}\Z")
 
 
 class CliError(Exception):
-    pass
+    def __init__(self, message: str, *, error: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        # The gateway's error object, when the failure was an error answer.
+        self.error = error
 
 
 # -- server commands ------------------------------------------------------------------------
@@ -107,9 +117,10 @@ def _request(
     path: str,
     body: bytes | None = None,
     content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     url = args.gateway.rstrip("/") + path
-    req = urllib.request.Request(url, data=body, method=method)
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     if body is not None:
         req.add_header("Content-Type", content_type)
     try:
@@ -117,13 +128,21 @@ def _request(
             return resp.status, dict(resp.headers.items()), resp.read()
     except urllib.error.HTTPError as e:
         raw = e.read()
-        raise CliError(_describe_error(e.code, raw)) from None
+        raise CliError(_describe_error(e.code, raw), error=_error_object(raw)) from None
     except urllib.error.URLError as e:
         raise CliError(f"cannot reach the gateway at {args.gateway}: {e.reason}") from None
     except TimeoutError:
         raise CliError(
             f"the gateway at {args.gateway} did not answer in {args.timeout} s"
         ) from None
+
+
+def _error_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        err = json.loads(raw)["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return err if isinstance(err, dict) else None
 
 
 def _describe_error(status: int, raw: bytes) -> str:
@@ -182,6 +201,8 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_invoke(args: argparse.Namespace, settings: Settings) -> None:
+    if args.request_id is not None and not CALLER_REQUEST_ID.match(args.request_id):
+        raise CliError("--request-id: 8-64 characters of A-Za-z0-9._-")
     data = args.data
     if data.startswith("@"):
         try:
@@ -195,14 +216,115 @@ def cmd_invoke(args: argparse.Namespace, settings: Settings) -> None:
     path = f"/v1/functions/{args.name}/invoke"
     if args.qualifier:
         path += "?" + urllib.parse.urlencode({"qualifier": args.qualifier})
-    _, headers, body = _request(args, "POST", path, data.encode())
+    # With --log the CLI names the request itself, so that its logs can be found even
+    # when the call fails.
+    request_id = args.request_id or (f"cli-{uuid.uuid4().hex}" if args.log else None)
+    sent = {"X-Request-Id": request_id} if request_id else {}
+    started = time.monotonic()
+    try:
+        _, headers, body = _request(args, "POST", path, data.encode(), headers=sent)
+    except CliError as e:
+        # A call that reached an instance has logs worth seeing; one refused before
+        # (no such function, throttled, bad event) has none.
+        if args.log and request_id and e.error and e.error.get("instance"):
+            _show_invocation_logs(args, request_id, started)
+        raise
     sys.stdout.write(body.decode("utf-8", "replace"))
     if not body.endswith(b"\n"):
         sys.stdout.write("\n")
+    sys.stdout.flush()
     if args.verbose:
         for k in ("X-Request-Id", "X-Imagefn-Instance", "X-Imagefn-Cold-Start", "Server-Timing"):
             if k in headers:
                 print(f"{k}: {headers[k]}", file=sys.stderr)
+    if args.log:
+        _show_invocation_logs(args, headers.get("X-Request-Id") or str(request_id), started)
+
+
+# How long `invoke --log` waits for the invocation's REPORT record.
+REPORT_WAIT_S = 15.0
+# While following, the gateway sends a heartbeat every 15 s: this much silence means the
+# connection is dead.
+FOLLOW_READ_TIMEOUT_S = 60.0
+
+
+def _show_invocation_logs(args: argparse.Namespace, request_id: str, started: float) -> None:
+    """The invocation's records on stderr (the result stays alone on stdout). Failing to
+    read them is said in one line; the invocation's own outcome stands."""
+    # The call started this long ago (by this machine's clock; the gateway's is not
+    # needed), plus a margin for queueing before it.
+    since = int(time.monotonic() - started) + 60
+    query = {
+        "request_id": request_id,
+        "wait_report": "1",
+        "timeout": f"{REPORT_WAIT_S:g}",
+        "since": f"{since}s",
+    }
+    path = f"/v1/functions/{urllib.parse.quote(args.name)}/logs?{urllib.parse.urlencode(query)}"
+    try:
+        _print_log_stream(args, path, sys.stderr, follow=True, raw_json=False)
+    except CliError as e:
+        print(f"imagefn: no logs: {e}", file=sys.stderr)
+
+
+def _print_log_stream(
+    args: argparse.Namespace, path: str, out: TextIO, *, follow: bool, raw_json: bool
+) -> None:
+    """Print the records of a logs API answer (asked as Server-Sent Events) as they
+    come; notices go to stderr as one line each."""
+    url = args.gateway.rstrip("/") + path
+    req = urllib.request.Request(url, headers={"Accept": "text/event-stream"})
+    timeout = FOLLOW_READ_TIMEOUT_S if follow else args.timeout
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            for event in sse_events(resp):
+                if event.event == "end":
+                    return
+                doc = json.loads(event.data)
+                if event.event == "notice":
+                    if doc.get("notice") == "error":
+                        err = doc.get("error") or {}
+                        raise CliError(
+                            f"{err.get('type', 'Error')}: {doc.get('message', '')}", error=err
+                        )
+                    print(f"imagefn: {doc.get('message', doc)}", file=sys.stderr, flush=True)
+                elif event.event == "message":
+                    out.write((event.data if raw_json else render_log(doc)) + "\n")
+                    out.flush()
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        raise CliError(_describe_error(e.code, raw), error=_error_object(raw)) from None
+    except urllib.error.URLError as e:
+        raise CliError(f"cannot reach the gateway at {args.gateway}: {e.reason}") from None
+    except TimeoutError:
+        raise CliError(f"the gateway at {args.gateway} went silent for {timeout:g} s") from None
+    except (http.client.HTTPException, ConnectionError, ValueError) as e:
+        raise CliError(f"the log stream from {args.gateway} broke off: {e}") from None
+    raise CliError(f"the log stream from {args.gateway} ended early (connection closed)")
+
+
+def cmd_logs(args: argparse.Namespace, settings: Settings) -> None:
+    query = {
+        key: value
+        for key, value in (
+            ("version", args.version),
+            ("request_id", args.request_id),
+            ("since", args.since),
+            ("until", args.until),
+            ("limit", None if args.limit is None else str(args.limit)),
+            ("follow", "1" if args.follow else None),
+        )
+        if value is not None
+    }
+    path = f"/v1/functions/{urllib.parse.quote(args.name)}/logs"
+    if query:
+        path += "?" + urllib.parse.urlencode(query)
+    try:
+        _print_log_stream(args, path, sys.stdout, follow=args.follow, raw_json=args.json)
+    except BrokenPipeError:
+        # The reader went away (`imagefn logs fn | head`): stop quietly, and keep Python
+        # from failing again on flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def cmd_ls(args: argparse.Namespace, settings: Settings) -> None:
@@ -285,7 +407,30 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "-v", "--verbose", action="store_true", help="show request id, instance, timings"
     )
+    i.add_argument(
+        "--log",
+        action="store_true",
+        help="then print the invocation's log records to stderr (up to its REPORT)",
+    )
+    i.add_argument("--request-id", default=None, help="send this request id (8-64 of A-Za-z0-9._-)")
     i.set_defaults(fn=cmd_invoke)
+    lg = sub.add_parser("logs", help="print a function's log records (-f: keep following)")
+    lg.add_argument("name")
+    lg.add_argument("--request-id", default=None, help="only this invocation's records")
+    lg.add_argument("--version", default=None, help="only this version (number or alias)")
+    lg.add_argument(
+        "--since",
+        default=None,
+        help="from this time: 10m, 2h, 1d ago, RFC 3339 or epoch seconds (default: 1 h ago; "
+        "24 h with --request-id)",
+    )
+    lg.add_argument("--until", default=None, help="up to this time (same forms as --since)")
+    lg.add_argument(
+        "--limit", type=int, default=None, help="at most this many (the newest; default 1000)"
+    )
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    lg.add_argument("--json", action="store_true", help="print the records as JSON lines")
+    lg.set_defaults(fn=cmd_logs)
     sub.add_parser("ls", help="list functions").set_defaults(fn=cmd_ls)
     v = sub.add_parser("versions", help="list a function's versions and aliases")
     v.add_argument("name")

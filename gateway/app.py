@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway import functions, invoke, token_service
+from gateway import functions, invoke, logs, token_service
 from gateway.concurrency import ConcurrencyLimiter
 from gateway.context import (
     IMAGES,
@@ -144,6 +144,7 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.yaml", openapi)
     app.router.add_routes(functions.routes)
+    logs.setup(app)
     app.router.add_routes(token_service.routes)
     app.router.add_routes(invoke.routes)
     invoke.add_web_routes(app)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -9,6 +11,7 @@ from gateway.concurrency import ConcurrencyLimiter
 from gateway.images import ImageResolver
 from gateway.routing import WarmRouter
 from gateway.tokens import TokenIssuer
+from shared.logreader import LogReader
 from shared.queue.base import InvocationQueue
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
@@ -26,3 +29,6 @@ TOKENS = web.AppKey("tokens", TokenIssuer)
 REQUEST_ID = web.RequestKey("request_id", str)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
 ROUTER = web.AppKey("router", WarmRouter)
+# The logs API: its reader, and the stop signals of the streams now open (set at shutdown).
+LOG_READER = web.AppKey("log_reader", LogReader)
+LOG_STREAMS = web.AppKey("log_streams", set[asyncio.Event])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -34,8 +35,14 @@ class MethodNotAllowed(ImagefnError):
     http_status = 405
 
 
+def error_body(err: ImagefnError, request_id: str) -> dict[str, Any]:
+    """The ``error`` object of an error answer; also what a stream that has already
+    started sends in-band when it fails (the logs API's ``error`` notice)."""
+    return {**err.to_dict(), "request_id": request_id}
+
+
 def error_response(err: ImagefnError, request_id: str) -> web.Response:
-    body = {"error": {**err.to_dict(), "request_id": request_id}}
+    body = {"error": error_body(err, request_id)}
     return web.Response(
         status=err.http_status,
         body=json.dumps(body).encode(),
