@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
-from shared.queue.base import Delivery
+from shared.queue.base import MAX_ATTEMPTS, Delivery
 from shared.queue.memory import MemoryQueue
-from shared.queue.redis_streams import MAX_ATTEMPTS
 from shared.settings import QueueSettings, Settings
 from workers.runtime import LABEL_INSTALLATION, LABEL_MANAGED, LABEL_WORKER, ContainerConfig
 from workers.worker import Worker
@@ -124,3 +125,16 @@ async def test_janitor_removes_only_dead_workers_containers_of_this_installation
     await worker._remove_orphans()
     assert sorted(cid for cid, _ in kit.runtime.removed) == sorted([dead, unlabelled])
     assert {c.id for c in kit.runtime.live()} == {alive, mine, foreign}
+
+
+async def test_the_heartbeat_carries_the_queues_report_for_routing() -> None:
+    class ReportingQueue(MemoryQueue):
+        def consumer_info(self) -> dict[str, Any]:
+            return {"partitions": [2, 5]}
+
+    kit = PoolKit(FAST_WORKER)
+    redis = FakeRedis()
+    worker = Worker(SETTINGS, ReportingQueue(), kit.pool, kit.runtime, redis)  # type: ignore[arg-type]
+    await worker._heartbeat_once()
+    assert json.loads(redis.strings[HEARTBEAT])["queue"] == {"partitions": [2, 5]}
+    await kit.runtime.close()
