@@ -29,7 +29,8 @@ group heartbeats, sent in the background by the client, are the liveness signal)
 
 ``Delivery.attempt``: Kafka does not count deliveries. A record gets 2 ("may have been
 delivered before") when its offset lies below the end offset its partition had when it
-was assigned here, else 1. So the poison limit (``MAX_ATTEMPTS``) never trips on this
+was assigned here, else 1; a partition nobody ever committed on counts as never read
+(invocations published before any worker joined are first deliveries). So the poison limit (``MAX_ATTEMPTS``) never trips on this
 backend; what bounds an invocation that kills every worker running it is its deadline,
 after which a worker drops it unrun.
 
@@ -61,6 +62,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.protocol.group import LeaveGroupRequest
 
 from shared import kafka
 from shared.errors import RequestTooLarge, ResultTooLarge, ServiceUnavailable
@@ -234,7 +236,7 @@ class KafkaQueue(InvocationQueue):
             # What is finished is committed; leaving the group (in stop) lets the others
             # take the partitions over at once instead of after the session timeout.
             await self._bounded("final_commit", self._commit_due(self._member))
-            await self._bounded("leave_group", self._member.stop())
+            await self._bounded("leave_group", self._leave_group(self._member))
             self._member = None
         if self._reply_consumer is not None:
             await self._bounded("reply_reader_stop", self._reply_consumer.stop())
@@ -243,6 +245,26 @@ class KafkaQueue(InvocationQueue):
             await self._bounded("producer_stop", self._producer.stop())
             self._producer = None
         self._cancel_waiters()
+
+    async def _leave_group(self, c: AIOKafkaConsumer) -> None:
+        """Stop the group member, leaving the group so that the others rebalance at once.
+
+        aiokafka sends LeaveGroup only for a generation above 0 (Apache Kafka counts from
+        1), but Tansu numbers a group's first generation 0: a member that never saw a
+        second generation would otherwise hold its partitions until the session timeout.
+        So for generation 0 the queue sends it itself, once the member's heartbeats have
+        stopped (the coordinator closed) and before the client closes. This reaches into
+        aiokafka's coordinator; if that changes, the member just leaves by timeout."""
+        try:
+            coord = c._coordinator
+            generation, member_id, node = coord.generation, coord.member_id, coord.coordinator_id
+            await coord.close()  # heartbeats stop; LeaveGroup sent when generation > 0
+            if generation == 0 and member_id and node is not None:
+                await c._client.send(node, LeaveGroupRequest(self._group, member_id))
+                log.info("queue_group_left", group=self._group)
+        except (AttributeError, KafkaError) as e:
+            log.warning("queue_leave_group_failed", error=str(e) or type(e).__name__)
+        await c.stop()
 
     @staticmethod
     async def _bounded(step: str, aw: Any) -> None:
@@ -506,18 +528,23 @@ class KafkaQueue(InvocationQueue):
         except KafkaError as e:
             log.warning("queue_end_offsets_failed", error=str(e))
             ends = {}
+        # Where the group stands on each partition: whether a kept state continues, and
+        # which records an earlier owner may have had.
+        found = await asyncio.gather(*(c.committed(tp) for tp in tps), return_exceptions=True)
+        committed: dict[TopicPartition, int | None] = {}
+        for tp, value in zip(tps, found, strict=True):
+            if isinstance(value, BaseException):
+                if not isinstance(value, KafkaError):
+                    raise value
+                log.warning(
+                    "queue_committed_fetch_failed", partition=tp.partition, error=str(value)
+                )
+                value = None
+            committed[tp] = value
         async with self._commit_lock:
             for tp in tps:
-                committed: int | None = None
-                if self._tracker.knows(tp.partition):
-                    # Only a partition it kept a state for: whether that state continues
-                    # depends on where the group's committed offset is now.
-                    try:
-                        committed = await c.committed(tp)
-                    except KafkaError as e:
-                        log.warning("queue_committed_fetch_failed", error=str(e))
                 seek = self._tracker.assign(
-                    tp.partition, committed=committed, end=int(ends.get(tp, 0))
+                    tp.partition, committed=committed[tp], end=int(ends.get(tp, 0))
                 )
                 if seek is not None:
                     c.seek(tp, seek)

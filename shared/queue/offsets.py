@@ -38,7 +38,7 @@ class PartitionState:
     # The last offset this process committed (or found committed) for the partition.
     committed: int | None = None
     # Offsets below this may have been delivered to an earlier owner: the partition's end
-    # offset when it was assigned here.
+    # offset when it was assigned here (0 when nothing had ever been committed on it).
     redelivery_below: int = 0
     owned: bool = True
 
@@ -61,10 +61,15 @@ class OffsetTracker:
 
     def assign(self, partition: int, *, committed: int | None, end: int) -> int | None:
         """The partition is (again) this consumer's. ``committed``: the group's committed
-        offset (None when unknown or none), ``end``: the partition's end offset now.
-        Returns the offset to read from when this process's own state continues, None to
-        read from the committed offset."""
+        offset (None when there is none, or it could not be read), ``end``: the
+        partition's end offset now. Returns the offset to read from when this process's
+        own state continues, None to read from the committed offset.
+
+        Records between the committed offset and ``end`` may have been delivered to an
+        earlier owner (attempt 2). Where nothing was ever committed, the partition counts
+        as never read: a worker commits within ``commit_interval_s`` of its first read."""
         old = self._parts.get(partition)
+        redelivery_below = end if committed is not None else 0
         # Invocations of the partition that still run here: not delivered a second time
         # while they run, and not committed past until they finish.
         running = (
@@ -84,7 +89,7 @@ class OffsetTracker:
                 next=old.next,
                 in_flight=running,
                 committed=committed,
-                redelivery_below=end,
+                redelivery_below=redelivery_below,
             )
             return old.next
         self._parts[partition] = PartitionState(
@@ -92,7 +97,7 @@ class OffsetTracker:
             next=committed,
             in_flight=running,
             committed=committed,
-            redelivery_below=end,
+            redelivery_below=redelivery_below,
         )
         return None
 

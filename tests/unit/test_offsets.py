@@ -66,8 +66,14 @@ def test_partitions_are_independent() -> None:
 
 
 def test_records_below_the_end_at_assignment_may_have_been_delivered_before() -> None:
-    t = tracking(end=3)
-    assert deliver(t, 0, 0, 1, 2, 3, 4) == [2, 2, 2, 1, 1]
+    t = tracking(committed=1, end=3)
+    assert deliver(t, 0, 1, 2, 3, 4) == [2, 2, 1, 1]
+
+
+def test_a_partition_never_committed_on_counts_as_never_read() -> None:
+    # Published before any worker joined: first deliveries, not redeliveries.
+    t = tracking(committed=None, end=3)
+    assert deliver(t, 0, 0, 1, 2, 3) == [1, 1, 1, 1]
 
 
 def test_a_record_is_delivered_once() -> None:
@@ -91,7 +97,7 @@ def test_revoked_partitions_are_not_committed() -> None:
 def test_a_partition_that_comes_back_continues_where_it_was() -> None:
     """Eager rebalancing revokes every partition and hands most back to the same member:
     what still runs here is neither delivered again nor committed past."""
-    t = tracking(end=0)
+    t = tracking(committed=0, end=0)
     deliver(t, 0, 0, 1, 2, 3)
     t.done(0, 0)
     t.done(0, 2)
@@ -127,7 +133,7 @@ def test_without_a_committed_offset_running_work_is_still_not_repeated() -> None
     deliver(t, 0, 0, 1)
     t.revoke([0])
     # The committed offset could not be read: start afresh, but 0 and 1 still run here.
-    assert t.assign(0, committed=None, end=2) is None
+    assert t.assign(0, committed=None, end=3) is None
     assert t.due() == {}  # nothing read yet: nothing known to commit
     assert deliver(t, 0, 0, 1, 2) == [None, None, 1]
     assert t.due() == {0: 0}
