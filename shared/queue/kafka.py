@@ -30,9 +30,9 @@ group heartbeats, sent in the background by the client, are the liveness signal)
 ``Delivery.attempt``: Kafka does not count deliveries. A record gets 2 ("may have been
 delivered before") when its offset lies below the end offset its partition had when it
 was assigned here, else 1; a partition nobody ever committed on counts as never read
-(invocations published before any worker joined are first deliveries). So the poison limit (``MAX_ATTEMPTS``) never trips on this
-backend; what bounds an invocation that kills every worker running it is its deadline,
-after which a worker drops it unrun.
+(invocations published before any worker joined are first deliveries). So the poison
+limit (``MAX_ATTEMPTS``) never trips on this backend; what bounds an invocation that
+kills every worker running it is its deadline, after which a worker drops it unrun.
 
 Results. A gateway chooses one reply partition at random when it opens the queue and
 reads it with a manually assigned consumer (no group): at its first ``call`` it seeks to
