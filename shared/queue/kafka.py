@@ -206,19 +206,19 @@ class KafkaQueue(InvocationQueue):
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
+        producer = kafka.producer(self._s, max_request_size=kafka.MAX_RECORD_BYTES)
         try:
             await kafka.ensure_topics(self._s, which=("invocations", "replies"))
-            producer = kafka.producer(self._s, max_request_size=kafka.MAX_RECORD_BYTES)
             await producer.start()
-        except KafkaError as e:
-            raise ServiceUnavailable(f"Kafka unavailable: {e}") from e
-        self._producer = producer
-        try:
             parts = sorted(await producer.partitions_for(self._topics.replies))
         except KafkaError as e:
+            with contextlib.suppress(KafkaError):
+                await producer.stop()
             raise ServiceUnavailable(f"Kafka unavailable: {e}") from e
         if not parts:
+            await producer.stop()
             raise ServiceUnavailable(f"topic {self._topics.replies} has no partitions")
+        self._producer = producer
         # Random, so the gateways spread over the reply partitions.
         self._reply_partition = random.choice(parts)
 

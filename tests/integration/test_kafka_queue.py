@@ -1,7 +1,7 @@
 """What only the Kafka queue backend has to prove on top of the suite every backend runs
 (test_invoke, test_failures, test_workers): warm affinity by partition, a clean hand-over
-when a worker stops, invocations published before any worker existed, and no
-head-of-line blocking between functions that share a partition."""
+when a worker stops, invocations published before any worker existed, no head-of-line
+blocking between functions that share a partition, and a broker that goes away."""
 
 from __future__ import annotations
 
@@ -11,18 +11,25 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 
+from shared.errors import ServiceUnavailable
 from shared.keys import Keys
 from shared.liveness import heartbeats
+from shared.queue.kafka import KafkaQueue
+from shared.settings import KafkaSettings
 from tests.integration.conftest import (
     Platform,
     RegistryInfo,
     WorkerProcess,
     backend_env,
+    free_port,
     running_platform,
+    start_broker,
     unique,
 )
+from tests.unit.helpers import make_invocation, make_record
 
 
 async def queue_reports(redis_url: str, prefix: str) -> dict[str, list[int]]:
@@ -164,3 +171,30 @@ async def test_one_partition_a_slow_function_does_not_hold_up_another(
         assert not slow_call.done()  # still running behind them on the same partition
         status, _, _ = await asyncio.wait_for(slow_call, 30)
         assert status == 200
+
+
+async def test_a_broker_gone_away_makes_publish_service_unavailable(tmp_path: Path) -> None:
+    port = free_port()
+    broker = start_broker(port, tmp_path / "broker.log")
+    settings = KafkaSettings(
+        bootstrap=f"127.0.0.1:{port}",
+        topic_prefix=unique("gone"),
+        invocation_partitions=2,
+        reply_partitions=1,
+    )
+    q = KafkaQueue(settings)
+    try:
+        await q.open()
+        await q.publish(make_invocation(make_record()))  # accepted while it is there
+        broker.kill()
+        broker.wait(10)
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match="queue unavailable"):
+            await q.publish(make_invocation(make_record()))
+        # The producer's request timeout (10 s), not forever.
+        assert time.monotonic() - started < 15
+    finally:
+        if broker.poll() is None:
+            broker.kill()
+            broker.wait(10)
+        await q.close()

@@ -33,9 +33,9 @@ from shared.queue.kafka import (
     result_record,
 )
 from shared.queue.redis_streams import RedisStreamsQueue
-from shared.settings import load_settings
+from shared.settings import KafkaSettings, load_settings
 
-from .fakes import FakeRedis
+from .fakes import FakeRedis, closed_port
 from .helpers import make_invocation, make_record
 
 
@@ -126,6 +126,15 @@ async def test_the_kafka_backend_needs_no_claims() -> None:
     d = Delivery(make_invocation(make_record()), receipt(0, 1))
     await q.keep_alive("w1", [d])  # nothing to refresh: the group's heartbeats are the claim
     assert q.consumer_info() == {}  # not a group member before its first consume
+
+
+async def test_no_broker_is_service_unavailable() -> None:
+    q = KafkaQueue(KafkaSettings(bootstrap=f"127.0.0.1:{closed_port()}"))
+    with pytest.raises(ServiceUnavailable):
+        await q.publish(make_invocation(make_record()))  # not open
+    with pytest.raises(ServiceUnavailable, match="Kafka unavailable"):
+        await q.open()
+    await q.close()
 
 
 class RecordingQueue(InvocationQueue):
