@@ -4,8 +4,10 @@ of its function version, so that it does not start one while another worker coul
 The gateway keeps the workers' inventories (their heartbeats, found through the worker
 index of ``shared.liveness``) in memory, refreshed every ``REFRESH_S`` by one owned task;
 the choice itself is the pure ``pick_worker``. With no worker holding a free instance, the
-invocation goes to the shared stream and whichever worker has room takes it (and starts an
-instance if it must).
+invocation goes to the shared queue (Redis: the stream every worker reads; Kafka: a live
+worker's partition) and the worker that takes it starts an instance if it must. Each
+refresh also hands the queue every live worker's ``"queue"`` entry (``learn_consumers``):
+the Kafka backend routes by the partitions the workers report there.
 """
 
 from __future__ import annotations
