@@ -38,7 +38,7 @@ from shared.errors import ImagefnError, InternalError, ServiceUnavailable
 from shared.http import REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER
 from shared.keys import Keys
 from shared.queue.base import InvocationQueue
-from shared.queue.redis_streams import RedisStreamsQueue
+from shared.queue.factory import make_queue
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
 
@@ -110,10 +110,10 @@ def build_app(
         await client.aclose()
 
     async def queue_ctx(app: web.Application) -> AsyncIterator[None]:
-        q = queue or RedisStreamsQueue(app[REDIS], settings.queue)
+        q = queue or make_queue(settings, app[REDIS])
         await q.open()
         app[QUEUE] = q
-        router = WarmRouter(app[REDIS], Keys(settings.queue.prefix))
+        router = WarmRouter(app[REDIS], Keys(settings.queue.prefix), q)
         await router.start()
         app[ROUTER] = router
         yield

@@ -4,8 +4,10 @@ of its function version, so that it does not start one while another worker coul
 The gateway keeps the workers' inventories (their heartbeats, found through the worker
 index of ``shared.liveness``) in memory, refreshed every ``REFRESH_S`` by one owned task;
 the choice itself is the pure ``pick_worker``. With no worker holding a free instance, the
-invocation goes to the shared stream and whichever worker has room takes it (and starts an
-instance if it must).
+invocation goes to the shared queue (Redis: the stream every worker reads; Kafka: a live
+worker's partition) and the worker that takes it starts an instance if it must. Each
+refresh also hands the queue every live worker's ``"queue"`` entry (``learn_consumers``):
+the Kafka backend routes by the partitions the workers report there.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from redis.exceptions import RedisError
 
 from shared.keys import Keys
 from shared.liveness import heartbeats
+from shared.queue.base import InvocationQueue
 
 log = structlog.get_logger("imagefn.routing")
 
@@ -51,9 +54,14 @@ def pick_worker(inventories: Mapping[str, Mapping[str, Mapping[str, int]]], key:
 
 
 class WarmRouter:
-    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+    def __init__(
+        self, client: aioredis.Redis, keys: Keys, queue: InvocationQueue | None = None
+    ) -> None:
         self._r = client
         self._keys = keys
+        # Told, on each refresh, how every live worker reads the queue (its heartbeat's
+        # "queue" entry), so that a routed publish reaches the chosen worker.
+        self._queue = queue
         self._inventories: Inventories = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -88,15 +96,23 @@ class WarmRouter:
 
     async def _refresh(self) -> None:
         inventories: Inventories = {}
+        consumers: dict[str, dict[str, Any]] = {}
         for raw in (await heartbeats(self._r, self._keys)).values():
             if raw is None:
                 continue
             try:
                 inv: dict[str, Any] = json.loads(raw)
-                inventories[str(inv["worker"])] = {
+                worker = str(inv["worker"])
+                inventories[worker] = {
                     str(k): {str(f): int(n) for f, n in v.items()}
                     for k, v in inv["functions"].items()
                 }
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
+            queue_info = inv.get("queue")
+            # A draining worker reads nothing new: nothing should be sent its way.
+            if isinstance(queue_info, dict) and not inv.get("draining"):
+                consumers[worker] = queue_info
         self._inventories = inventories
+        if self._queue is not None:
+            self._queue.learn_consumers(consumers)

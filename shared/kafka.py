@@ -25,6 +25,11 @@ from shared.settings import KafkaSettings, LogSettings
 
 log = structlog.get_logger("imagefn.kafka")
 
+# The largest record the invocation queue produces: a body of up to 6 MiB (the gateway's
+# and the worker's default limits) plus the function record and metadata headers. Brokers
+# refuse records above ~1 MB unless the topic allows more, so the queue's topics do.
+MAX_RECORD_BYTES = 8 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -75,14 +80,26 @@ async def ensure_topics(
     topics = Topics.of(settings)
     wanted = {
         "invocations": NewTopic(
-            topics.invocations, settings.invocation_partitions, settings.replication_factor
+            topics.invocations,
+            settings.invocation_partitions,
+            settings.replication_factor,
+            topic_configs={
+                # Slack above the producer's limit for the record batch's own framing.
+                "max.message.bytes": str(MAX_RECORD_BYTES + 1024 * 1024),
+                # An invocation is dropped unrun once its deadline (minutes) has passed;
+                # a day keeps what a stopped installation left for a while, no longer.
+                "retention.ms": str(86_400_000),
+            },
         ),
         "replies": NewTopic(
             topics.replies,
             settings.reply_partitions,
             settings.replication_factor,
-            # Results are read within milliseconds; an hour is plenty for a slow reader.
-            topic_configs={"retention.ms": str(3_600_000)},
+            topic_configs={
+                "max.message.bytes": str(MAX_RECORD_BYTES + 1024 * 1024),
+                # Results are read within milliseconds; an hour is plenty for a slow reader.
+                "retention.ms": str(3_600_000),
+            },
         ),
         "logs": NewTopic(
             topics.logs,

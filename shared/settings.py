@@ -67,6 +67,13 @@ class KafkaSettings:
     max_poll_interval_ms: int = 3_600_000
     # How often a worker commits the offsets of finished invocations.
     commit_interval_s: float = 0.1
+    # How long the invocation queue's fetches (workers reading invocations, gateways
+    # reading results) wait at the broker when nothing is there. Apache Kafka and
+    # Redpanda answer as soon as a record arrives, so there this only sets how often an
+    # idle consumer asks (raise it to 500 to ask less). Tansu answers at the end of the
+    # wait only, so there it bounds each of the two queue hops: measured p50 7 ms per hop
+    # at 20 ms (250 ms at 500), while an idle consumer costs ~4% of a core, the broker ~5%.
+    queue_fetch_wait_ms: int = 20
 
 
 @dataclass(frozen=True)
@@ -253,6 +260,9 @@ def _kafka_settings(env: Mapping[str, str], prefix: str) -> KafkaSettings:
             env, "IMAGEFN_KAFKA_MAX_POLL_INTERVAL_MS", k.max_poll_interval_ms
         ),
         commit_interval_s=_float(env, "IMAGEFN_KAFKA_COMMIT_INTERVAL_S", k.commit_interval_s),
+        queue_fetch_wait_ms=_positive(
+            env, "IMAGEFN_KAFKA_QUEUE_FETCH_WAIT_MS", k.queue_fetch_wait_ms
+        ),
     )
 
 

@@ -82,13 +82,17 @@ class Forwarder:
                             f"{self._settings.max_response_header_bytes} bytes"
                         )
                     limit = self._settings.max_result_bytes
-                    body = await resp.content.read(limit + 1)
-                    if len(body) > limit or not resp.content.at_eof():
-                        raise ResultTooLarge(f"response body exceeds {limit} bytes")
+                    # Piece by piece until the end: one read returns only what has
+                    # arrived so far, which for a large answer is not all of it.
+                    body = bytearray()
+                    async for piece in resp.content.iter_any():
+                        body += piece
+                        if len(body) > limit:
+                            raise ResultTooLarge(f"response body exceeds {limit} bytes")
                     return Response(
                         status=resp.status,
                         headers=strip_hop_by_hop(list(resp.headers.items())),
-                        body=body,
+                        body=bytes(body),
                     )
         except TimeoutError:
             raise FunctionTimeout(f"function did not answer within {timeout_s:.3g} s") from None

@@ -9,7 +9,7 @@ import contextlib
 import aiohttp
 import redis.asyncio as aioredis
 
-from shared.queue.redis_streams import RedisStreamsQueue
+from shared.queue.factory import make_queue
 from shared.settings import Settings
 from workers.forwarder import Forwarder
 from workers.images import ImageStore, TokenSource
@@ -22,7 +22,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
     async with contextlib.AsyncExitStack() as stack:
         redis = aioredis.Redis.from_url(settings.redis.url)
         stack.push_async_callback(redis.aclose)
-        queue = RedisStreamsQueue(redis, settings.queue)
+        queue = make_queue(settings, redis)
         stack.push_async_callback(queue.close)
         runtime = DockerRuntime.connect(settings.worker.docker_url)
         stack.push_async_callback(runtime.close)

@@ -25,6 +25,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from shared.errors import FunctionNotFound, ImagefnError, InternalError, VersionNotFound
@@ -32,8 +33,7 @@ from shared.invocations import InvocationLog
 from shared.keys import Keys
 from shared.liveness import announce
 from shared.messages import InvocationResult
-from shared.queue.base import Delivery, InvocationQueue
-from shared.queue.redis_streams import MAX_ATTEMPTS
+from shared.queue.base import MAX_ATTEMPTS, Delivery, InvocationQueue
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
 from shared.spec import FunctionRecord
@@ -41,6 +41,9 @@ from workers.pool import ContainerPool
 from workers.runtime import LABEL_INSTALLATION, LABEL_WORKER, ContainerRuntime
 
 log = structlog.get_logger("imagefn.worker")
+
+# What a queue backend raises when it cannot be reached for now: retried with backoff.
+QUEUE_ERRORS = (RedisError, KafkaError, OSError)
 
 CONSUME_BLOCK_S = 1.0
 
@@ -167,7 +170,7 @@ class Worker:
                     self.worker_id, max(1, self._free_permits()), CONSUME_BLOCK_S
                 )
                 backoff_s = 0.1
-            except (RedisError, OSError) as e:
+            except QUEUE_ERRORS as e:
                 log.warning("consume_failed", error=str(e))
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
@@ -218,14 +221,14 @@ class Worker:
             log.warning("invocation_record_failed", error=str(e))
 
     async def _finish(self, d: Delivery, result: InvocationResult | None) -> None:
-        # A result that cannot be delivered must not be acknowledged: retry until Redis
+        # A result that cannot be delivered must not be acknowledged: retry until the queue
         # answers or we are cancelled (then the invocation is reclaimed elsewhere).
         delay_s = 0.05
         while True:
             try:
                 await self._queue.finish(d, result)
                 return
-            except (RedisError, OSError) as e:
+            except QUEUE_ERRORS as e:
                 log.warning("finish_failed", error=str(e))
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 2.0)
@@ -273,6 +276,8 @@ class Worker:
             "memory_used_mb": self._pool.memory_used_mb(),
             "functions": {} if draining else self._pool.inventory(),
             "desired": self._desired,
+            # How this worker reads the queue (Kafka: its partitions), for routing.
+            "queue": self._queue.consumer_info(),
         }
         await announce(
             self._redis,

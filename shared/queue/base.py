@@ -15,7 +15,13 @@ implements ``InvocationQueue`` and keeps these promises:
 * ``call`` publishes and waits for the result; ``None`` means no result arrived in time.
 * ``publish``/``call`` may name a ``worker``: the invocation is then meant for that worker
   (it holds a warm instance), which takes it before shared work; if that worker dies, a
-  live one takes it over like any other claim.
+  live one takes it over like any other claim. Where the backend needs to know how the
+  workers read (Kafka: which partitions each owns), a worker's ``consumer_info()`` goes
+  into its heartbeat and the gateways hand every live worker's to ``learn_consumers``.
+  Routing is best effort; delivery is not.
+* ``Delivery.attempt`` counts deliveries as far as the backend knows them (Redis counts
+  exactly; Kafka can only say "may have been delivered before"); the worker answers an
+  invocation past ``MAX_ATTEMPTS`` with an error instead of running it again.
 
 Callers never see backend types: only ``Invocation``, ``InvocationResult`` and
 ``Delivery``.
@@ -26,9 +32,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from shared.messages import Invocation, InvocationResult
+
+# An invocation handed out this many times has crashed workers repeatedly; stop retrying.
+MAX_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -103,7 +114,18 @@ class InvocationQueue(ABC):
     def reply_address(self) -> str:
         """Where results for this process's ``call``s are delivered (goes in ``reply_to``)."""
 
+    def learn_consumers(self, infos: Mapping[str, Mapping[str, Any]]) -> None:  # noqa: B027
+        """Gateways: every live worker's ``consumer_info()`` (worker id → report), as its
+        heartbeat carries it, refreshed by the router. Backends that route by queue
+        layout (Kafka: partitions) use it in ``publish``; the default ignores it."""
+
     # -- consumer side (workers) -----------------------------------------------------------
+
+    def consumer_info(self) -> dict[str, Any]:
+        """Workers: what gateways need to know about how this consumer reads (Kafka: its
+        assigned partitions), sent in the worker's heartbeat as ``"queue"``; JSON-able.
+        Empty by default."""
+        return {}
 
     @abstractmethod
     async def consume(self, consumer: str, max_count: int, block_s: float) -> list[Delivery]:

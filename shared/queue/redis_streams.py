@@ -46,8 +46,6 @@ RECLAIM_PAGES_PER_CALL = 10
 _DELETE_IF_EMPTY = (
     "if redis.call('XLEN', KEYS[1]) == 0 then return redis.call('DEL', KEYS[1]) end return 0"
 )
-# An invocation handed out this many times has crashed workers repeatedly; stop retrying.
-MAX_ATTEMPTS = 5
 
 
 StreamEntries = list[tuple[Any, dict[bytes, bytes]]]

@@ -411,15 +411,58 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-async def platform(
+async def shared_platform(
     pushed_images: None, redis_url: str, log_dir: Path, registry: RegistryInfo
 ) -> AsyncIterator[Platform]:
-    """One platform shared by the tests that need no private one (each deploys its own
-    function names)."""
+    """One platform (Redis queue) shared by the tests that need no private one (each
+    deploys its own function names)."""
     async with running_platform(redis_url, log_dir, registry, workers=1) as p:
         yield p
     left = managed_containers(STARTED_WORKERS)
     assert not left, f"containers left behind after the suite: {left}"
+
+
+@pytest.fixture(scope="session")
+def platform(shared_platform: Platform) -> Platform:
+    return shared_platform
+
+
+# The invocation queue's backends. A test module whose tests must hold on every backend
+# overrides ``platform`` with ``queue_platform`` (test_invoke, test_failures, test_workers).
+BACKENDS = ("redis", "kafka")
+
+
+def backend_env(backend: str) -> dict[str, str]:
+    """Settings that select ``backend``; Kafka with a short session timeout, so that a
+    killed worker's partitions move within seconds."""
+    if backend == "kafka":
+        return {
+            "IMAGEFN_QUEUE_BACKEND": "kafka",
+            "IMAGEFN_KAFKA_SESSION_TIMEOUT_MS": "3000",
+            "IMAGEFN_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+        }
+    return {}
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+async def queue_platform(
+    request: pytest.FixtureRequest,
+    shared_platform: Platform,
+    redis_url: str,
+    log_dir: Path,
+    registry: RegistryInfo,
+) -> AsyncIterator[Platform]:
+    """A shared platform per queue backend: the Redis one is ``shared_platform``; the
+    Kafka one is started once, when the first test asks for it."""
+    if request.param == "redis":
+        yield shared_platform
+        return
+    async with running_platform(
+        redis_url, log_dir, registry, workers=1, extra_env=backend_env(request.param)
+    ) as p:
+        yield p
+    left = managed_containers([w.worker_id for w in p.workers])
+    assert not left, f"containers left behind by the {request.param} platform: {left}"
 
 
 @pytest.fixture

@@ -5,8 +5,15 @@ from __future__ import annotations
 import time
 
 import aiohttp
+import pytest
 
 from tests.integration.conftest import Platform, unique
+
+
+@pytest.fixture
+def platform(queue_platform: Platform) -> Platform:
+    """Every test here runs on each queue backend (redis, kafka)."""
+    return queue_platform
 
 
 async def test_timeout_gives_function_timeout_and_replaces_the_instance(

@@ -478,11 +478,13 @@ class FakeRedis:
             raise self.ping_error
         return True
 
-    async def set(self, key: str, value: Any, px: int | None = None) -> bool:
+    async def set(self, key: str, value: Any, px: int | None = None, ex: int | None = None) -> bool:
         self._run("set")
         self.strings[key] = self._b(value)
         if px is not None:
             self.ttls_ms[key] = px
+        elif ex is not None:
+            self.ttls_ms[key] = ex * 1000
         return True
 
     async def zadd(self, key: str, mapping: dict[str, float]) -> int:

@@ -174,6 +174,30 @@ async def test_body_over_the_limit_is_result_too_large(fn: Fn, forwarder: Forwar
     assert len((await forwarder.send(fn.port, make_invocation(make_record()), 2.0)).body) == 1000
 
 
+async def test_a_body_arriving_in_pieces_is_read_whole(fn: Fn, forwarder: Forwarder) -> None:
+    """Within the limit, however the function's answer is split on the wire."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for part in (b"a" * 300, b"b" * 300, b"c" * 400):
+            await resp.write(part)
+            await asyncio.sleep(0.02)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        assert server.port is not None
+        result = await forwarder.send(server.port, make_invocation(make_record()), 2.0)
+    finally:
+        await server.close()
+    assert result.body == b"a" * 300 + b"b" * 300 + b"c" * 400
+
+
 async def test_headers_over_the_limit_are_result_too_large(fn: Fn, forwarder: Forwarder) -> None:
     fn.answer = web.Response(body=b"", headers={"X-Big": "v" * 700})
     with pytest.raises(ResultTooLarge, match="headers"):

@@ -158,6 +158,14 @@ def test_kafka_topic_prefix_follows_the_installation_prefix_in_kafka_characters(
     assert s.kafka.topic_prefix == "prod.fn"
 
 
+def test_the_queues_fetch_wait_is_short_by_default_and_positive() -> None:
+    assert load_settings({}).kafka.queue_fetch_wait_ms == 20
+    env = {"IMAGEFN_KAFKA_QUEUE_FETCH_WAIT_MS": "500"}
+    assert load_settings(env).kafka.queue_fetch_wait_ms == 500
+    with pytest.raises(InvalidRequest, match="IMAGEFN_KAFKA_QUEUE_FETCH_WAIT_MS"):
+        load_settings({"IMAGEFN_KAFKA_QUEUE_FETCH_WAIT_MS": "0"})
+
+
 def test_no_bootstrap_turns_log_shipping_off() -> None:
     assert load_settings({}).logs.enabled
     assert not load_settings({"IMAGEFN_KAFKA_BOOTSTRAP": ""}).logs.enabled

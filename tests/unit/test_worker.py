@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaConnectionError
 
-from shared.queue.base import Delivery
+from shared.messages import InvocationResult
+from shared.queue.base import MAX_ATTEMPTS, Delivery
 from shared.queue.memory import MemoryQueue
-from shared.queue.redis_streams import MAX_ATTEMPTS
 from shared.settings import QueueSettings, Settings
 from workers.runtime import LABEL_INSTALLATION, LABEL_MANAGED, LABEL_WORKER, ContainerConfig
 from workers.worker import Worker
@@ -124,3 +127,44 @@ async def test_janitor_removes_only_dead_workers_containers_of_this_installation
     await worker._remove_orphans()
     assert sorted(cid for cid, _ in kit.runtime.removed) == sorted([dead, unlabelled])
     assert {c.id for c in kit.runtime.live()} == {alive, mine, foreign}
+
+
+async def test_the_heartbeat_carries_the_queues_report_for_routing() -> None:
+    class ReportingQueue(MemoryQueue):
+        def consumer_info(self) -> dict[str, Any]:
+            return {"partitions": [2, 5]}
+
+    kit = PoolKit(FAST_WORKER)
+    redis = FakeRedis()
+    worker = Worker(SETTINGS, ReportingQueue(), kit.pool, kit.runtime, redis)  # type: ignore[arg-type]
+    await worker._heartbeat_once()
+    assert json.loads(redis.strings[HEARTBEAT])["queue"] == {"partitions": [2, 5]}
+    await kit.runtime.close()
+
+
+async def test_a_result_the_queue_could_not_take_is_retried_not_dropped() -> None:
+    """Broker trouble in finish (here Kafka's) is retried until the result is delivered."""
+
+    class FlakyQueue(MemoryQueue):
+        def __init__(self) -> None:
+            super().__init__()
+            self.failures = 2
+
+        async def finish(self, delivery: Delivery, result: InvocationResult | None) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise KafkaConnectionError("broker away")
+            await super().finish(delivery, result)
+
+    kit = PoolKit(FAST_WORKER)
+    queue = FlakyQueue()
+    worker = Worker(SETTINGS, queue, kit.pool, kit.runtime, FakeRedis())  # type: ignore[arg-type]
+    inv = make_invocation(make_record(), request_id="flaky")
+    await worker._handle(Delivery(inv, "receipt-1"))
+    assert queue.failures == 0
+    [result] = queue.results
+    assert (result.request_id, result.status) == ("flaky", 200)
+    # Then its record, after the result.
+    assert f"{INSTALLATION}:invocation:flaky" in worker._redis.strings  # type: ignore[attr-defined]
+    await kit.pool.shutdown(timeout_s=5)
+    await kit.runtime.close()

@@ -1,0 +1,19 @@
+"""Builds the invocation queue the settings name (``IMAGEFN_QUEUE_BACKEND``), so gateways
+and workers never construct a backend themselves."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from shared.queue.base import InvocationQueue
+from shared.queue.kafka import KafkaQueue
+from shared.queue.redis_streams import RedisStreamsQueue
+from shared.settings import Settings
+
+
+def make_queue(settings: Settings, redis: aioredis.Redis) -> InvocationQueue:
+    """The queue backend of ``settings.queue.backend``: "redis" (the default, on the
+    process's Redis client) or "kafka" (on ``settings.kafka``)."""
+    if settings.queue.backend == "kafka":
+        return KafkaQueue(settings.kafka)
+    return RedisStreamsQueue(redis, settings.queue)
