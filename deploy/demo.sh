@@ -53,6 +53,9 @@ for call in "first call: starts an instance (cold)" "second call: reuses the war
   echo "($(ms_since "$t0") ms, CLI start-up included)"
 done
 
+step "imagefn invoke hello-event --log   # the call's own log lines, read back from Kafka"
+"$IMAGEFN" invoke hello-event --data '{"name":"logs"}' --log
+
 step "web function: POST $GATEWAY/web/web-app/items"
 curl -sS -i -X POST -H 'Content-Type: application/json' \
   --data '{"title":"try imagefn"}' "$GATEWAY/web/web-app/items"
@@ -70,11 +73,14 @@ step "imagefn ls"
 step "imagefn versions hello-event   # each deploy publishes an immutable version pinned by digest"
 "$IMAGEFN" versions hello-event
 
+step "imagefn logs web-app --since 5m   # container output, shipped into Kafka by the worker"
+"$IMAGEFN" logs web-app --since 5m
+
 cat <<MSG
 
 ==> imagefn is running at $GATEWAY
     platform log:   $STATE/up.log
-    CLI:            $IMAGEFN --help   (deploy, invoke, ls, versions, alias, rm)
+    CLI:            $IMAGEFN --help   (deploy, invoke, logs, ls, versions, alias, rm)
     stop it:        deploy/stop.sh
     read next:      docs/user-guide.md, examples/README.md
 MSG
