@@ -136,6 +136,10 @@ class WorkerSettings:
     max_result_bytes: int = 6 * MiB
     max_response_header_bytes: int = 4096
     log_tail_lines: int = 20
+    # Each instance's engine log (json-file): at most this many files of this size. Large
+    # files on purpose: the engine's follow can lose lines at a rotation (docs).
+    container_log_max_mb: int = 64
+    container_log_files: int = 2
     # Deployment identifiers sent as X-Scf-Namespace/-Region/-Appid/-Uin.
     scf_namespace: str = "default"
     scf_region: str = "local"
@@ -323,6 +327,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             heartbeat_ttl_s=_float(env, "IMAGEFN_HEARTBEAT_TTL_S", w.heartbeat_ttl_s),
             janitor_interval_s=_float(env, "IMAGEFN_JANITOR_INTERVAL_S", w.janitor_interval_s),
             drain_timeout_s=_float(env, "IMAGEFN_DRAIN_TIMEOUT_S", w.drain_timeout_s),
+            container_log_max_mb=_positive(
+                env, "IMAGEFN_CONTAINER_LOG_MAX_MB", w.container_log_max_mb
+            ),
+            container_log_files=_positive(
+                env, "IMAGEFN_CONTAINER_LOG_FILES", w.container_log_files
+            ),
         ),
         registry=RegistrySettings(
             address=env.get("IMAGEFN_REGISTRY") or r.address,
