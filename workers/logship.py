@@ -450,12 +450,22 @@ class _Tail:
         return bool(self.replayed) or self.est_bytes >= rotate_bytes // 2
 
     def feed(self, chunk: bytes) -> None:
-        """Parse a chunk of the multiplexed stream; complete frames become records."""
+        """Parse a chunk of the multiplexed stream; complete frames become records.
+
+        The common case -- a whole, short, UTF-8 line of an instance with no gap and no
+        platform record due -- is handled inline (this runs for every line the worker's
+        containers write); everything else goes through ``frame``, which does the same
+        and more, one call at a time."""
         data = self.rest + chunk if self.rest else chunk
         n = len(data)
         pos = 0
         unpack = FRAME_HEADER.unpack_from
         clock = self.clock
+        last_ts, last_msg, pbuf, pparts = self.last_ts, self.last_msg, self.pbuf, self.pparts
+        heads, buffer, items = self.heads, self.buffer, self.queue.items
+        max_line = self.max_line + 1  # the newline is not the line's
+        windows = self.windows
+        jstr = _json_str
         while n - pos >= 8:
             stream, size = unpack(data, pos)
             start = pos + 8
@@ -463,13 +473,62 @@ class _Tail:
             if end > n:
                 break
             pos = end
-            s = 1 if stream in (2, 3) else 0
+            s = 1 if stream == 2 or stream == 3 else 0
             sp = data.find(b" ", start, min(end, start + 40))
             ts = clock.ns(data[start:sp]) if sp > 0 else None
             if ts is None:
                 # Not a timestamp: a stream without them; the time it was read will do.
                 ts, sp = time.time_ns(), start - 1
-            self.frame(s, ts, data[sp + 1 : end])
+            msg = data[sp + 1 : end]
+            m = len(msg)
+            if (
+                ts <= last_ts[s]
+                or not 0 < m <= max_line
+                or msg[m - 1] != 10
+                or pbuf[s]
+                or pparts[s]
+                or self.gap is not None
+                or (self.pending and ts >= self.pending[0].ts_ns)
+                or msg.find(b"\n", 0, m - 1) >= 0
+            ):
+                self.frame(s, ts, msg)
+                continue
+            owner: _Request | None
+            if windows and ts >= self.cur_start:
+                owner = self.cur
+            else:
+                found = self.owner(ts)
+                if isinstance(found, list):
+                    self.frame(s, ts, msg)  # several requests in flight
+                    continue
+                owner = found
+            try:
+                text = jstr(msg[:-1].decode("utf-8"))
+            except UnicodeDecodeError:
+                self.frame(s, ts, msg)
+                continue
+            seq = self.seq + 1
+            value = (
+                f'{heads[s]},"ts":{ts / _NS!r},"request_id":'
+                f'{"null" if owner is None else owner.rid_json},"seq":{seq},"line":{text}}}'
+            ).encode()
+            size = len(value) + RECORD_OVERHEAD
+            if buffer.used + size > buffer.limit:
+                self.frame(s, ts, msg)  # it drops the line and opens the gap
+                continue
+            last_ts[s] = ts
+            last_msg[s] = msg
+            if ts > self.newest_ns:
+                self.newest_ns = ts
+            self.est_bytes += m + JSON_FILE_OVERHEAD
+            self.lines += 1
+            self.seq = seq
+            buffer.used += size
+            items.append((ts // 1_000_000, value))
+            if owner is not None:
+                owner.lines += 1
+        if pos:
+            buffer.ready.set()
         self.rest = data[pos:] if pos < n else b""
 
     def frame(self, s: int, ts: int, msg: bytes) -> None:

@@ -150,17 +150,21 @@ class DockerRuntime:
     @classmethod
     def connect(cls, url: str | None) -> DockerRuntime:
         docker = aiodocker.Docker(url=url)
-        host = str(docker.docker_host)
         streams = None
-        if host.startswith("unix://"):
+        # The engine's socket, as the main client resolved it (url, DOCKER_HOST, or the
+        # default paths); aiodocker itself addresses it as "unix://localhost".
+        main = getattr(docker, "connector", None)
+        if isinstance(main, aiohttp.UnixConnector):
             streams = aiodocker.Docker(
-                url=host, connector=aiohttp.UnixConnector(host[len("unix://") :], limit=0)
+                url="unix://localhost", connector=aiohttp.UnixConnector(main.path, limit=0)
             )
         return cls(docker, streams)
 
     async def close(self) -> None:
         if self._streams is not self._docker:
             await self._streams.close()
+            # aiodocker leaves a connector it was given open.
+            await self._streams.connector.close()
         await self._docker.close()
 
     async def create(self, config: ContainerConfig) -> str:
