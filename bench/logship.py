@@ -41,10 +41,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.kafka import ensure_topics, producer
 from shared.settings import KafkaSettings, LogSettings
-from workers.logship import LogShipper, LogSource, MiB, ProducerLike, _Clock
+from workers.logship import KafkaLogProducer, LogShipper, LogSource, MiB, ProducerLike, _Clock
 from workers.runtime import ContainerConfig, DockerRuntime
 
 IMAGE = "imagefn/python-base:bookworm"
+DRIVER = ""
 PRINTER = """
 import sys, time
 n, rate = int(sys.argv[1]), float(sys.argv[2])
@@ -78,6 +79,10 @@ class TimedProducer:
     async def partitions_for(self, topic: str) -> set[int]:
         return set(await self.inner.partitions_for(topic))
 
+    async def topic_exists(self, topic: str) -> bool:
+        exists: bool = await self.inner.topic_exists(topic)
+        return exists
+
     def create_batch(self) -> TimedBatch:
         return TimedBatch(self.inner.create_batch())
 
@@ -110,7 +115,9 @@ class TimedBatch:
 
 
 def make_producer(kafka: KafkaSettings, timed: list[TimedProducer]) -> ProducerLike:
-    p = TimedProducer(producer(kafka, max_batch_size=MiB, max_request_size=2 * MiB))
+    p = TimedProducer(
+        KafkaLogProducer(producer(kafka, max_batch_size=MiB, max_request_size=2 * MiB))
+    )
     timed.append(p)
     return p
 
@@ -179,6 +186,8 @@ async def run_container(
     )
     body = config.to_docker()
     body["HostConfig"].pop("PortBindings")  # it serves nothing
+    if DRIVER:
+        body["HostConfig"]["LogConfig"]["Type"] = DRIVER
     container = await runtime._docker.containers.create(body, name=config.name)
     cid = str(container.id)
     started = time.time()
@@ -233,7 +242,10 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--bootstrap", default="")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--driver", default="")
     args = ap.parse_args()
+    global DRIVER
+    DRIVER = args.driver
     broker = None
     bootstrap = args.bootstrap
     if not bootstrap:

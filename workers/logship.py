@@ -29,15 +29,26 @@ the times the pool reports through ``request_started``/``request_ended``:
   ``request_id`` is null and ``concurrent`` lists them all; while none was, null.
 
 Ordering: every record of an instance carries ``seq``, increasing by one. The platform
-records are merged into the output by time: START at the request's start, END and REPORT
-at its end, each placed only once the output up to that time has been read -- a line with
-a later timestamp arrived, or the stream has been quiet for ``QUIET_GRACE_S`` (at most
-``drain_timeout_s`` after the event). So a request's lines precede its END; with the
-window rule, lines written after the response follow END and REPORT (REPORT's ``lines``
-counts the lines before END).
+records are merged into the output by time, each placed once no output from before it
+can still come: START before the first line stamped at or after the request's start;
+END and REPORT (at the request's end) -- with the window rule -- before the first line
+of the next request, since everything until then is still this request's; with several
+requests at once, before the first line stamped after the end. Without such a line, a
+record is placed once the stream has been quiet for ``QUIET_GRACE_S`` (at the latest
+``drain_timeout_s`` after its time), or when the stream ends. So a request's lines
+precede its END, including what it wrote just after answering and the tail of a burst
+of output, which the engine reads -- and stamps -- after the response; only output
+after a pause longer than the grace follows END (still carrying the request's id).
+REPORT's ``lines`` counts the request's lines placed before its END.
+
+The engine stamps output when it reads it from the container's pipes, not when the
+process wrote it: after a burst (more than the pipes hold, some 64-128 KiB), the tail is
+stamped up to tens of milliseconds after the response. If the next request on the
+instance starts before the engine has read that tail, the tail counts as the next
+request's output. Nothing outside the container can tell the two apart.
 
 Back-pressure: reading from the engine never waits for Kafka (a slow reader would let
-the json-file rotation remove lines unseen). Records wait in a buffer of ``buffer_mb``
+the log file's rotation remove lines unseen). Records wait in a buffer of ``buffer_mb``
 per worker; a line that does not fit is dropped and counted per instance, and a GAP
 record (dropped_lines, dropped_bytes, first_ts, last_ts) takes its place in the
 instance's sequence as soon as there is room again (before the instance's next record of
@@ -46,8 +57,9 @@ even there is counted in the GAP (``dropped_platform``). Records leave the buffe
 once Kafka acknowledged them: a retry after an unclear failure may duplicate records,
 which readers drop by (instance, seq).
 
-Docker 20.10's json-file follow mishandles rotation (it can replay part of a file, and
-it can end before the new file's tail is read). Replays are dropped per stream by
+Docker 20.10's follow of a log file (local and json-file drivers alike) mishandles
+rotation (it can replay part of a file, and it can end before the new file's tail is
+read). Replays are dropped per stream by
 timestamp (each stream's timestamps only increase); after an instance wrote about half a
 log file's worth, or a replay was seen, the stream's end is followed by one more read
 from the last timestamp (``since``) to pick up a tail the follow missed. Files are large
@@ -63,6 +75,7 @@ import asyncio
 import base64
 import calendar
 import contextlib
+import itertools
 import json
 import struct
 import time
@@ -87,16 +100,20 @@ MiB = 1024 * 1024
 # The engine's frame header: stream (1 stdout, 2 stderr), three zero bytes, payload size.
 FRAME_HEADER = struct.Struct(">BxxxI")
 STREAM_NAMES = ("stdout", "stderr")
+# The engine copies a container's output through a buffer of this size: a longer message
+# arrives as fragments of exactly this many bytes (sharing one timestamp), then the rest.
+ENGINE_FRAGMENT_BYTES = 16 * 1024
 # A platform record is placed once the stream has been quiet this long after its time.
-QUIET_GRACE_S = 0.15
+QUIET_GRACE_S = 0.2
 # How often the ticker looks at instances with platform records or gaps waiting.
 TICK_S = 0.025
 # Bytes counted per buffered record beyond its value (tuple, deque slot, key reference):
 # the buffer bound is about memory, not payload.
 RECORD_OVERHEAD = 64
-# Bytes the engine's json-file adds to each line ({"log":...,"stream":...,"time":...}),
-# at least: used to tell whether a log file may have rotated under the follower.
-JSON_FILE_OVERHEAD = 64
+# Bytes the engine's log file takes per line beyond the line itself, about (json-file's
+# {"log":...,"stream":...,"time":...} more, local's protobuf less): used to tell whether
+# a log file may have rotated under the follower, so erring high only costs a re-read.
+ENGINE_LOG_OVERHEAD = 64
 # Windows and requests older than this (behind the newest line read) are forgotten.
 ATTRIBUTION_HORIZON_NS = 30 * 1_000_000_000
 # A Kafka batch holds at most this many bytes; a record alone may be larger.
@@ -104,9 +121,12 @@ MAX_BATCH_BYTES = MiB
 # The topic is (re)created at most this often when producing fails (a broker that
 # lost it, like the in-memory test broker after a restart).
 ENSURE_TOPIC_EVERY_S = 2.0
+# Acknowledged records are confirmed (the topic still exists) at most this often.
+VERIFY_EVERY_S = 0.25
 # Warnings about dropped lines are logged at most this often (a long outage drops a lot).
 WARN_EVERY_S = 5.0
 _NS = 1_000_000_000
+NEVER = 1 << 62
 _FRAC_SCALE = tuple(10 ** (9 - i) if i <= 9 else 0 for i in range(10))
 _json_str: Callable[[str], str] = json.encoder.encode_basestring
 
@@ -150,15 +170,46 @@ class BatchLike(Protocol):
 
 
 class ProducerLike(Protocol):
-    """The part of AIOKafkaProducer the sender uses."""
+    """The part of AIOKafkaProducer the sender uses, and a fresh look at the topic."""
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def partitions_for(self, topic: str) -> set[int]: ...
+    async def topic_exists(self, topic: str) -> bool: ...
     def create_batch(self) -> BatchLike: ...
     async def send_batch(
         self, batch: BatchLike, topic: str, *, partition: int
     ) -> Awaitable[Any]: ...
+
+
+class KafkaLogProducer:
+    """ProducerLike over an AIOKafkaProducer."""
+
+    def __init__(self, producer: Any) -> None:
+        self._p = producer
+
+    async def start(self) -> None:
+        await self._p.start()
+
+    async def stop(self) -> None:
+        await self._p.stop()
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return set(await self._p.partitions_for(topic))
+
+    async def topic_exists(self, topic: str) -> bool:
+        """Asks the cluster now, for all topics: a request naming the topic would ask
+        the broker to create it, and so could not tell that it was gone."""
+        cluster = await self._p.client.fetch_all_metadata()
+        return cluster.partitions_for_topic(topic) is not None
+
+    def create_batch(self) -> BatchLike:
+        batch: BatchLike = self._p.create_batch()
+        return batch
+
+    async def send_batch(self, batch: BatchLike, topic: str, *, partition: int) -> Awaitable[Any]:
+        fut: Awaitable[Any] = await self._p.send_batch(batch, topic, partition=partition)
+        return fut
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -260,10 +311,13 @@ def read_memory_peak(container_id: str) -> int | None:
 
 @dataclass(eq=False)
 class _Queue:
-    """One function's records waiting for Kafka, oldest first: (timestamp ms, value)."""
+    """One function's records waiting for Kafka, oldest first: (timestamp ms, value).
+    The first ``acked`` were acknowledged but not yet confirmed (see ``LogShipper``)."""
 
     key: bytes
     items: deque[tuple[int, bytes]] = field(default_factory=deque)
+    acked: int = 0
+    acked_bytes: int = 0
 
 
 class _Buffer:
@@ -289,7 +343,7 @@ class _Buffer:
         if self.used + size > bound:
             return False
         self.used += size
-        q.items.append((ts_ns // 1_000_000, value))
+        q.items.append(((ts_ns + 500_000) // 1_000_000, value))
         self.ready.set()
         return True
 
@@ -362,7 +416,10 @@ class _Tail:
         # (replays are dropped by it) and the line being assembled.
         self.rest = b""
         self.last_ts = [-1, -1]
-        self.last_msg = [b"", b""]
+        # Frames accepted at the stream's last timestamp (the fragments of one long
+        # message share it), and how many of them a replay will bring again.
+        self.same = [0, 0]
+        self.skip = [0, 0]
         self.pbuf = [bytearray(), bytearray()]
         self.pts = [0, 0]
         self.pparts = [0, 0]
@@ -380,6 +437,8 @@ class _Tail:
         self.active: list[_Request] = []
         self.open: dict[str, list[_Request]] = {}
         self.pending: deque[_Event] = deque()
+        # The engine time from which a line places the first pending record (never: 2**62).
+        self.due_ns = NEVER
         self.gap: _Gap | None = None
         self.mem_wanted = False
         self.mem_task: asyncio.Task[None] | None = None
@@ -408,6 +467,7 @@ class _Tail:
                 req
             ]
         self.pending.append(_Event(logrecords.START, req.start_ns, req))
+        self.refresh_due()
 
     def ended(self, rid: str, end_ns: int, status: int | None, error: str | None) -> bool:
         reqs = self.open.get(rid)
@@ -418,8 +478,27 @@ class _Tail:
             del self.open[rid]
         req.end_ns, req.status, req.error = max(end_ns, req.start_ns), status, error
         self.pending.append(_Event(logrecords.END, req.end_ns, req))
+        self.refresh_due()
         self.mem_wanted = True
         return True
+
+    def trigger(self, i: int) -> int:
+        """The engine time from which output shows that pending record ``i`` is due.
+
+        START: its time. END: its time, except on an instance serving one request at a
+        time, where output after the response still belongs to the request (its window
+        runs to the next start), so only the next request's start -- or quiet -- places
+        it; that also keeps a burst's tail, which the engine reads (and stamps) after the
+        response, before END."""
+        ev = self.pending[i]
+        if ev.kind != logrecords.END or not self.windows:
+            return ev.ts_ns
+        if i + 1 < len(self.pending):
+            return self.pending[i + 1].ts_ns  # the next request's START
+        return NEVER
+
+    def refresh_due(self) -> None:
+        self.due_ns = self.trigger(0) if self.pending else NEVER
 
     def owner(self, ts: int) -> Owner:
         if self.windows:
@@ -437,8 +516,11 @@ class _Tail:
     # -- the stream ----------------------------------------------------------------------
 
     def new_stream(self) -> None:
-        """A new engine stream begins (a reconnect, or the catch-up read)."""
+        """A new engine stream begins (a reconnect, or the catch-up read): it starts at
+        the last timestamp seen (inclusive), so the frames already taken there come
+        again."""
         self.rest = b""
+        self.skip = list(self.same)
 
     def resume_from(self) -> int | None:
         """Where a new read must start so that nothing unseen is skipped (the overlap is
@@ -461,7 +543,7 @@ class _Tail:
         pos = 0
         unpack = FRAME_HEADER.unpack_from
         clock = self.clock
-        last_ts, last_msg, pbuf, pparts = self.last_ts, self.last_msg, self.pbuf, self.pparts
+        last_ts, pbuf, pparts, same = self.last_ts, self.pbuf, self.pparts, self.same
         heads, buffer, items = self.heads, self.buffer, self.queue.items
         max_line = self.max_line + 1  # the newline is not the line's
         windows = self.windows
@@ -488,7 +570,7 @@ class _Tail:
                 or pbuf[s]
                 or pparts[s]
                 or self.gap is not None
-                or (self.pending and ts >= self.pending[0].ts_ns)
+                or ts >= self.due_ns
                 or msg.find(b"\n", 0, m - 1) >= 0
             ):
                 self.frame(s, ts, msg)
@@ -517,14 +599,15 @@ class _Tail:
                 self.frame(s, ts, msg)  # it drops the line and opens the gap
                 continue
             last_ts[s] = ts
-            last_msg[s] = msg
+            same[s] = 1
+            self.skip[s] = 0
             if ts > self.newest_ns:
                 self.newest_ns = ts
-            self.est_bytes += m + JSON_FILE_OVERHEAD
+            self.est_bytes += m + ENGINE_LOG_OVERHEAD
             self.lines += 1
             self.seq = seq
             buffer.used += size
-            items.append((ts // 1_000_000, value))
+            items.append(((ts + 500_000) // 1_000_000, value))
             if owner is not None:
                 owner.lines += 1
         if pos:
@@ -533,29 +616,44 @@ class _Tail:
 
     def frame(self, s: int, ts: int, msg: bytes) -> None:
         last = self.last_ts[s]
-        if ts <= last and (ts < last or msg == self.last_msg[s]):
-            # Each stream's timestamps only increase: this is the engine replaying
-            # output after a log rotation (or the overlap of a resumed read).
+        if ts < last:
+            # Each stream's timestamps never decrease: the engine replays output after a
+            # log rotation (or a resumed read overlaps). The frames at ``last`` will come
+            # again too.
             self.replayed += 1
+            self.skip[s] = self.same[s]
             return
-        self.last_ts[s] = ts
-        self.last_msg[s] = msg
+        if ts == last:
+            if self.skip[s]:
+                self.skip[s] -= 1
+                self.replayed += 1
+                return
+            self.same[s] += 1  # the next fragment of a long message
+        else:
+            self.last_ts[s] = ts
+            self.same[s] = 1
+            self.skip[s] = 0
+            if self.pbuf[s] or self.pparts[s]:
+                # The fragments of one message share its timestamp: a new one means the
+                # message being put together is complete.
+                self.finish_line(s)
         if ts > self.newest_ns:
             self.newest_ns = ts
         n = len(msg)
-        self.est_bytes += n + JSON_FILE_OVERHEAD
-        if self.pending and ts >= self.pending[0].ts_ns:
+        self.est_bytes += n + ENGINE_LOG_OVERHEAD
+        if ts >= self.due_ns:
             self.emit_due(ts)
-        if n and msg[n - 1] == 10 and not self.pbuf[s] and msg.find(b"\n", 0, n - 1) < 0:
-            if not self.pparts[s]:
-                self.line(s, ts, msg[:-1])
-                return
         start = 0
         while True:
             nl = msg.find(b"\n", start)
             if nl < 0:
                 if start < n:
                     self.partial(s, ts, msg[start:])
+                    if n < ENGINE_FRAGMENT_BYTES:
+                        # Shorter than the engine's buffer, without a newline: the end of
+                        # a long message (the local driver drops its newline) or output
+                        # flushed at exit. Either way the message is complete.
+                        self.finish_line(s)
                 return
             if self.pbuf[s] or self.pparts[s]:
                 self.partial(s, ts, msg[start:nl])
@@ -731,9 +829,10 @@ class _Tail:
         self.platform(logrecords.REPORT, ev.ts_ns, req, report)
 
     def emit_due(self, upto_ns: int) -> None:
-        """Place the platform records whose time the output has reached."""
-        while self.pending and self.pending[0].ts_ns <= upto_ns:
+        """Place the platform records that output stamped ``upto_ns`` shows are due."""
+        while self.pending and self.trigger(0) <= upto_ns:
             self.emit(self.pending.popleft())
+        self.refresh_due()
 
     def tick(self, now_ns: int, mono: float, drain_ns: int) -> None:
         """Place what is due by time: after a quiet grace, at the latest ``drain_ns``
@@ -746,6 +845,7 @@ class _Tail:
             if not (self.stream_done or (quiet and age >= grace_ns) or age >= drain_ns):
                 break
             self.emit(self.pending.popleft())
+        self.refresh_due()
         if self.gap is not None:
             self.flush_gap(self.buffer.limit)
 
@@ -757,8 +857,13 @@ class _Tail:
             if self.pbuf[s] or self.pparts[s]:
                 self.emit_due(self.pts[s])
                 self.finish_line(s)
-        self.emit_due(1 << 62)
+        self.emit_all()
         self.flush_gap(None)
+
+    def emit_all(self) -> None:
+        while self.pending:
+            self.emit(self.pending.popleft())
+        self.refresh_due()
 
 
 # -- the shipper -----------------------------------------------------------------------------
@@ -769,6 +874,7 @@ class _Plan:
     """One partition's batch in a send round, and what it took from which queue."""
 
     batch: BatchLike
+    partition: int
     count: int = 0
     full: bool = False
     takes: list[tuple[_Queue, int, int]] = field(default_factory=list)
@@ -810,6 +916,9 @@ class LogShipper:
         self._partition_of: dict[bytes, int] = {}
         self._round = 0
         self._ensured_at = 0.0
+        self._verified_at = 0.0
+        # Per partition, the end of what this worker saw acknowledged there.
+        self._log_end: dict[int, int] = {}
         self._kafka_down_since: float | None = None
         self._warned_drop_at = self._warned_gap_at = -WARN_EVERY_S
         # Counters, for the shutdown line and for tests.
@@ -829,13 +938,14 @@ class LogShipper:
     ) -> LogShipper:
         def make_producer() -> ProducerLike:
             # Big batches: one round ships thousands of lines in one request per partition.
-            p: ProducerLike = producer(
-                kafka,
-                client_id=f"imagefn-logs-{worker}",
-                max_batch_size=MAX_BATCH_BYTES,
-                max_request_size=max(2 * MAX_BATCH_BYTES, 4 * settings.max_line_bytes + 4096),
+            return KafkaLogProducer(
+                producer(
+                    kafka,
+                    client_id=f"imagefn-logs-{worker}",
+                    max_batch_size=MAX_BATCH_BYTES,
+                    max_request_size=max(2 * MAX_BATCH_BYTES, 4 * settings.max_line_bytes + 4096),
+                )
             )
-            return p
 
         return cls(
             settings,
@@ -875,7 +985,7 @@ class LogShipper:
             for rid, reqs in list(tail.open.items()):
                 for _ in range(len(reqs)):
                     tail.ended(rid, time.time_ns(), None, "WorkerShutdown")
-            tail.emit_due(1 << 62)
+            tail.emit_all()
         if self._sender is not None and not self._sender.done() and self.buffer.used:
             self._emptied.clear()
             with contextlib.suppress(TimeoutError):
@@ -1037,6 +1147,10 @@ class LogShipper:
         while True:
             await self._tick_wanted.wait()
             await asyncio.sleep(TICK_S)
+            # Let output that arrived meanwhile reach its follower first: in a loop that
+            # was busy, timers can run before I/O, and unread output is not quiet.
+            for _ in range(3):
+                await asyncio.sleep(0)
             busy = False
             for cid, tail in list(self._tails.items()):
                 if tail.pending or tail.gap is not None:
@@ -1080,11 +1194,23 @@ class LogShipper:
     async def _send_loop(self) -> None:
         backoff_s = 0.1
         while True:
-            await self.buffer.ready.wait()
+            if not self._unsent():
+                if not self._unverified():
+                    self.buffer.ready.clear()
+                    self._emptied.set()
+                    await self.buffer.ready.wait()
+                    continue
+                # Only acknowledged records left: confirm them soon, with whatever
+                # comes meanwhile.
+                self.buffer.ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.buffer.ready.wait(), VERIFY_EVERY_S)
             if self._producer is None:
                 self._producer = await self._connect()
             try:
-                await self._send_round(self._producer)
+                if self._unsent():
+                    await self._send_round(self._producer)
+                await self._maybe_verify(self._producer)
                 backoff_s = 0.1
                 if self._kafka_down_since is not None:
                     log.info(
@@ -1102,6 +1228,61 @@ class LogShipper:
                 await self._ensure(force=False)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
+
+    def _offset_plausible(self, partition: int, result: Any, count: int) -> bool:
+        """Offsets only grow: an acknowledgement at an offset below the end of what this
+        worker saw acknowledged on the partition means its log was reset -- a broker
+        that restarted empty, which may acknowledge and keep nothing (and recreate the
+        topic when asked about it). Such a batch is sent again: a possible duplicate
+        (readers drop it by seq) rather than a silent loss."""
+        offset = getattr(result, "offset", None)
+        if not isinstance(offset, int) or offset < 0:
+            return True  # nothing to judge by
+        expected = self._log_end.get(partition)
+        if expected is not None and offset < expected:
+            log.warning(
+                "log_partition_reset", partition=partition, offset=offset, expected=expected
+            )
+            del self._log_end[partition]  # the resend is judged afresh
+            return False
+        self._log_end[partition] = offset + count
+        return True
+
+    def _unsent(self) -> bool:
+        return any(q.acked < len(q.items) for q in self.buffer.queues.values())
+
+    def _unverified(self) -> bool:
+        return any(q.acked for q in self.buffer.queues.values())
+
+    async def _maybe_verify(self, producer: ProducerLike) -> None:
+        """Confirm acknowledged records before they leave the buffer: the topic must
+        still exist after they were acknowledged. A broker that restarted without its
+        records (the in-memory test broker) acknowledges writes to a topic it no longer
+        has and keeps nothing: such records are sent again, after the topic is
+        recreated. Checked at most every VERIFY_EVERY_S, sooner when unconfirmed records
+        take a quarter of the buffer."""
+        queues = [q for q in self.buffer.queues.values() if q.acked]
+        if not queues:
+            return
+        pending = sum(q.acked_bytes for q in queues)
+        due = time.monotonic() - self._verified_at >= VERIFY_EVERY_S
+        if not (due or self._closing or pending >= self.buffer.limit // 4):
+            return
+        exists = await asyncio.wait_for(producer.topic_exists(self._topic), 10.0)
+        self._verified_at = time.monotonic()
+        if not exists:
+            records = sum(q.acked for q in queues)
+            log.warning("log_topic_lost", topic=self._topic, resending=records)
+            for q in queues:
+                q.acked = q.acked_bytes = 0
+            await self._ensure(force=True)
+            return
+        for q in queues:
+            for _ in range(q.acked):
+                q.items.popleft()
+            self.buffer.used -= q.acked_bytes
+            self.shipped += q.acked
+            q.acked = q.acked_bytes = 0
 
     async def _connect(self) -> ProducerLike:
         backoff_s = 0.5
@@ -1151,10 +1332,8 @@ class LogShipper:
         leave the buffer, the rest stays where it was for the next round (so a retry
         sends the same records in the same order)."""
         buffer = self.buffer
-        queues = [q for q in buffer.queues.values() if q.items]
+        queues = [q for q in buffer.queues.values() if q.acked < len(q.items)]
         if not queues:
-            buffer.ready.clear()
-            self._emptied.set()
             return
         partitions = sorted(await producer.partitions_for(self._topic))
         if partitions != self._partitions:
@@ -1167,11 +1346,11 @@ class LogShipper:
             p = self._partition(q)
             plan = plans.get(p)
             if plan is None:
-                plan = plans[p] = _Plan(producer.create_batch())
+                plan = plans[p] = _Plan(producer.create_batch(), p)
             if plan.full:
                 continue
             n = nbytes = 0
-            for ts_ms, value in q.items:
+            for ts_ms, value in itertools.islice(q.items, q.acked, None):
                 if plan.count >= limit or (
                     plan.batch.append(timestamp=ts_ms, key=q.key, value=value) is None
                 ):
@@ -1185,7 +1364,8 @@ class LogShipper:
             elif plan.count == 0:
                 # Too big for any batch (a huge max_line_bytes): never sendable, so it
                 # must not block its queue.
-                _ts, value = q.items.popleft()
+                _ts, value = q.items[q.acked]
+                del q.items[q.acked]
                 buffer.used -= len(value) + RECORD_OVERHEAD
                 log.error("log_record_too_large", bytes=len(value))
         sent: list[tuple[_Plan, Awaitable[Any]]] = []
@@ -1200,18 +1380,19 @@ class LogShipper:
                 error = e
                 break
         results = await asyncio.gather(*(fut for _, fut in sent), return_exceptions=True)
+        reset = False
         for (plan, _), result in zip(sent, results, strict=True):
             if isinstance(result, BaseException):
                 error = error or result
                 continue
+            if not self._offset_plausible(plan.partition, result, plan.count):
+                reset = True  # sent again next round, into a topic that exists
+                continue
             for q, n, nbytes in plan.takes:
-                for _ in range(n):
-                    q.items.popleft()
-                buffer.used -= nbytes
-                self.shipped += n
-        if not any(q.items for q in buffer.queues.values()):
-            buffer.ready.clear()
-            self._emptied.set()
+                q.acked += n
+                q.acked_bytes += nbytes
+        if reset:
+            await self._ensure(force=True)
         if error is not None:
             raise error
 

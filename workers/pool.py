@@ -481,6 +481,7 @@ class ContainerPool:
             tmpfs_size_mb=s.tmpfs_size_mb,
             log_max_mb=s.container_log_max_mb,
             log_files=s.container_log_files,
+            log_driver=s.container_log_driver,
         )
 
     @staticmethod

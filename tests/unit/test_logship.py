@@ -10,6 +10,7 @@ import dataclasses
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -20,6 +21,7 @@ from shared.errors import FunctionTimeout
 from shared.settings import LogSettings
 from workers.forwarder import Forwarder, Response
 from workers.logship import (
+    ENGINE_FRAGMENT_BYTES,
     QUIET_GRACE_S,
     LogShipper,
     LogSource,
@@ -64,7 +66,9 @@ class FakeBatch:
 class FakeProducer:
     """Kafka as the sender sees it. ``down``: every batch fails (after ``fail_after_s``);
     ``lose_acks``: that many batches are stored but reported failed (a lost ack, so the
-    retry duplicates them); ``unknown_topic``: the topic is missing until ``ensure``."""
+    retry duplicates them); ``unknown_topic``: the topic is missing until ``ensure``;
+    ``topic_lost``: a broker that restarted without its topic -- it acknowledges
+    batches and keeps nothing -- until ``ensure``."""
 
     def __init__(self) -> None:
         self.partitions = {0, 1}
@@ -73,6 +77,13 @@ class FakeProducer:
         self.fail_after_s = 0.01
         self.lose_acks = 0
         self.unknown_topic = False
+        self.topic_lost = False
+        # A check of the topic that finds it gone recreates it first (as a broker
+        # asked about a topic by name may do): only the offsets tell.
+        self.recreate_when_asked = False
+        self.swallowed = 0
+        # Per partition, the log's end offset.
+        self.ends: dict[int, int] = {}
         self.start_failures = 0
         self.starts = 0
         self.stopped = False
@@ -92,6 +103,17 @@ class FakeProducer:
             raise UnknownTopicOrPartitionError()
         return set(self.partitions)
 
+    async def topic_exists(self, topic: str) -> bool:
+        if self.topic_lost and self.recreate_when_asked:
+            self.topic_lost = False
+            self.ends = {}
+        return not (self.unknown_topic or self.topic_lost)
+
+    def lose_topic(self) -> None:
+        """The broker restarted empty."""
+        self.topic_lost = True
+        self.ends = {}
+
     def create_batch(self) -> FakeBatch:
         return FakeBatch(self.max_records)
 
@@ -102,14 +124,24 @@ class FakeProducer:
             asyncio.get_running_loop().call_later(
                 self.fail_after_s, fut.set_exception, KafkaTimeoutError()
             )
+        elif self.topic_lost:
+            # What the in-memory test broker does after a restart: acknowledge, keep
+            # nothing, report offset 0.
+            self.swallowed += len(records)
+            fut.set_result(SimpleNamespace(offset=0))
         elif self.lose_acks:
             self.lose_acks -= 1
-            self.delivered.append((partition, records))
+            self.append(partition, records)
             fut.set_exception(KafkaTimeoutError())
         else:
-            self.delivered.append((partition, records))
-            fut.set_result(None)
+            fut.set_result(SimpleNamespace(offset=self.append(partition, records)))
         return fut
+
+    def append(self, partition: int, records: list[Any]) -> int:
+        offset = self.ends.get(partition, 0)
+        self.ends[partition] = offset + len(records)
+        self.delivered.append((partition, records))
+        return offset
 
     def records(self) -> list[dict[str, Any]]:
         return [logrecords.loads(v or b"") for _, batch in self.delivered for _, _, v in batch]
@@ -155,7 +187,9 @@ async def make_shipper(kit: PoolKit) -> AsyncIterator[Callable[..., Kit]]:
 
         async def ensure() -> None:
             ensured.append(time.monotonic())
-            producer.unknown_topic = False
+            if producer.topic_lost:
+                producer.ends = {}
+            producer.unknown_topic = producer.topic_lost = False
 
         shipper = LogShipper(
             LogSettings(**{"drain_timeout_s": 2.0, **settings}),
@@ -233,53 +267,58 @@ async def test_frames_split_anywhere_give_the_same_lines(
 async def test_engine_split_messages_are_joined_per_stream(
     make_shipper: Callable[..., Kit],
 ) -> None:
-    """The engine cuts output longer than 16 KB into frames without a newline; stdout and
-    stderr pieces interleave, each stream's line is put back together."""
+    """The engine cuts a message longer than its 16 KiB buffer into fragments of exactly
+    16 KiB that share the message's timestamp, then the rest (with its newline from
+    json-file, without from local); stdout and stderr fragments interleave."""
     k = make_shipper(start=False, max_line_bytes=64 * 1024)
     t = tail_for(k)
-    a = b"a" * 16384
+    a = b"a" * ENGINE_FRAGMENT_BYTES  # two identical fragments: neither is a replay
+    e = b"e" * ENGINE_FRAGMENT_BYTES
     t.feed(
         frames(
             (1, T0, a),
-            (2, T0 + 1, b"err-start "),
-            (1, T0 + 2, a),
-            (2, T0 + 3, b"err-end\n"),
-            (1, T0 + 4, b"tail\n"),
+            (2, T0 + 1, e),
+            (1, T0, a),
+            (2, T0 + 1, b"err-end"),  # local: the last fragment has no newline
+            (1, T0, b"tail\n"),  # json-file: it has
+            (1, T0 + 4, b"next\n"),
         )
     )
     records = buffered(k)
     assert [(r["stream"], r["line"]) for r in records] == [
-        ("stderr", "err-start err-end"),
-        ("stdout", "a" * 32768 + "tail"),
+        ("stderr", "e" * ENGINE_FRAGMENT_BYTES + "err-end"),
+        ("stdout", "a" * 2 * ENGINE_FRAGMENT_BYTES + "tail"),
+        ("stdout", "next"),
     ]
-    # A joined line carries the time its first piece arrived.
     assert records[1]["ts"] == pytest.approx(T0 / 1e9)
     assert "part" not in records[1]
+    # A pending message is also complete once a frame of another message (another
+    # timestamp) arrives on its stream.
+    t.feed(frames((1, T0 + 5, a), (1, T0 + 6, b"after\n")))
+    assert [r["line"][:3] for r in buffered(k)[3:]] == ["aaa", "aft"]
+    assert t.replayed == 0
 
 
 async def test_long_lines_become_parts_as_they_fill(make_shipper: Callable[..., Kit]) -> None:
     k = make_shipper(start=False, max_line_bytes=1000)
     t = tail_for(k)
-    # 2500 bytes with a newline in one frame, then 2400 bytes in 16-byte pieces.
     t.feed(frames((1, T0, b"x" * 2500 + b"\n")))
-    for i in range(150):
-        t.feed(frames((1, T0 + (i + 1) * MS, b"y" * 16)))
-    # Parts of the open line went out before its newline arrived (bounded memory).
-    assert [r["part"] for r in buffered(k)] == [1, 2, 3, 1, 2]
-    t.feed(frames((1, T0 + 200 * MS, b"z\n")))
-    records = buffered(k)
-    assert [(r.get("part"), r.get("last")) for r in records] == [
-        (1, False),
-        (2, False),
-        (3, True),
-        (1, False),
-        (2, False),
-        (3, True),
-    ]
-    assert "".join(r["line"] for r in records[:3]) == "x" * 2500
-    assert "".join(r["line"] for r in records[3:]) == "y" * 2400 + "z"
-    assert max(len(r["line"]) for r in records) <= 1000
-    assert all(r["ts"] == pytest.approx(T0 / 1e9) for r in records[:3])
+    assert [(r["part"], r["last"]) for r in buffered(k)] == [(1, False), (2, False), (3, True)]
+    assert "".join(r["line"] for r in buffered(k)) == "x" * 2500
+    # A message in engine fragments: parts go out as each fragment fills them, so an
+    # endless line never holds more than max_line_bytes.
+    y = b"y" * ENGINE_FRAGMENT_BYTES
+    t.feed(frames((1, T0 + MS, y)))
+    assert len(buffered(k)) == 3 + 16
+    t.feed(frames((1, T0 + MS, y)))
+    assert len(buffered(k)) == 3 + 32
+    t.feed(frames((1, T0 + MS, b"z")))
+    records = buffered(k)[3:]
+    assert [r["part"] for r in records] == list(range(1, 34))
+    assert [r["last"] for r in records] == [False] * 32 + [True]
+    assert "".join(r["line"] for r in records) == "y" * 2 * ENGINE_FRAGMENT_BYTES + "z"
+    assert max(len(r["line"]) for r in buffered(k)) <= 1000
+    assert all(r["ts"] == pytest.approx((T0 + MS) / 1e9) for r in records)
 
 
 async def test_parts_do_not_split_utf8_characters(make_shipper: Callable[..., Kit]) -> None:
@@ -334,17 +373,28 @@ async def test_replayed_frames_are_dropped_per_stream(make_shipper: Callable[...
     assert t.replayed == 3
     assert t.needs_catchup(rotate_bytes=1 << 40)
     assert t.resume_from() == T0 + 2 * MS  # the stream furthest behind (stderr)
+    # A replay that reaches the last timestamp drops what was taken there, no more.
+    t.feed(frames((1, T0 + 7 * MS, b"o7\n"), (1, T0 + 9 * MS, b"same-ts-a\n")))
+    t.feed(frames((1, T0 + 9 * MS, b"same-ts-b\n"), (1, T0 + 9 * MS, b"same-ts-c\n")))
+    # A resumed read starts at the last timestamp, inclusive.
+    t.new_stream()
+    t.feed(frames((1, T0 + 9 * MS, b"same-ts-a\n"), (1, T0 + 9 * MS, b"same-ts-b\n")))
+    t.feed(frames((1, T0 + 9 * MS, b"same-ts-c\n"), (1, T0 + 10 * MS, b"new\n")))
+    assert lines_of(buffered(k))[-2:] == ["same-ts-c", "new"]
+    assert t.replayed == 3 + 3 + 3  # o7, a, b replayed; a, b, c of the resumed read
 
 
-async def test_unterminated_output_is_a_line_when_the_stream_ends(
-    make_shipper: Callable[..., Kit],
-) -> None:
+async def test_unterminated_output_is_a_line(make_shipper: Callable[..., Kit]) -> None:
     k = make_shipper(start=False)
     t = tail_for(k)
+    # Output without a newline, flushed by the engine when the process exits.
     t.feed(frames((1, T0, b"done\n"), (1, T0 + MS, b"no newline at exit")))
-    assert lines_of(buffered(k)) == ["done"]
-    t.finish()
     assert lines_of(buffered(k)) == ["done", "no newline at exit"]
+    # A fragment waiting for the rest of its message when the stream ends.
+    t.feed(frames((1, T0 + 2 * MS, b"f" * ENGINE_FRAGMENT_BYTES)))
+    assert len(buffered(k)) == 2
+    t.finish()
+    assert lines_of(buffered(k))[2] == "f" * ENGINE_FRAGMENT_BYTES
 
 
 # -- attribution -----------------------------------------------------------------------------
@@ -419,6 +469,67 @@ async def test_concurrent_requests_share_lines_only_when_alone(
     assert lines["nobody"]["request_id"] is None and "concurrent" not in lines["nobody"]
     q = logrecords.LogQuery(function="fn", request_id="b")
     assert [r["line"] for r in lines.values() if q.matches(r)] == ["a and b", "only b"]
+
+
+async def test_end_is_placed_by_the_next_request_or_quiet(
+    make_shipper: Callable[..., Kit], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request at a time: output stamped after the response is still the request's
+    (the engine stamps a burst's tail when it reads it, after the response), so END goes
+    after it -- placed by the next request's output, or by quiet. Several at once: a
+    line stamped after the end is not the request's, so it places END at once."""
+    k = make_shipper(start=False)
+    s = k.shipper
+    now = [T0]
+    monkeypatch.setattr(time, "time_ns", lambda: now[0])
+    t = tail_for(k)
+    s._tails["c1"] = t
+    s.request_started("c1", "r1", cold=False, init_ms=None)
+    now[0] = T0 + 10 * MS
+    s.request_ended("c1", "r1", status=200, error=None)
+    # A burst's tail, read after the response.
+    t.feed(frames(*[(1, T0 + 9 * MS + i * 10_000, f"b{i}\n".encode()) for i in range(300)]))
+    assert [r["type"] for r in buffered(k)] == ["START"] + ["line"] * 300
+    now[0] = T0 + 50 * MS
+    s.request_started("c1", "r2", cold=False, init_ms=None)
+    t.feed(frames((1, T0 + 51 * MS, b"r2 says\n")))
+    kinds = [(r["type"], r.get("line", ""), r["request_id"]) for r in buffered(k)]
+    assert kinds == [
+        ("START", "", "r1"),
+        *[("line", f"b{i}", "r1") for i in range(300)],
+        ("END", "", "r1"),
+        ("REPORT", "", "r1"),
+        ("START", "", "r2"),
+        ("line", "r2 says", "r2"),
+    ]
+    assert buffered(k)[302]["lines"] == 300
+    # No next request: quiet places it.
+    now[0] = T0 + 60 * MS
+    s.request_ended("c1", "r2", status=200, error=None)
+    t.feed(frames((1, T0 + 61 * MS, b"r2 after\n")))
+    assert buffered(k)[-1]["type"] == "line"
+    t.tick(T0 + 61 * MS + 1, time.monotonic(), int(5e9))  # not quiet yet
+    assert buffered(k)[-1]["type"] == "line"
+    t.tick(T0 + 60 * MS + int(QUIET_GRACE_S * 1e9), time.monotonic() + QUIET_GRACE_S, int(5e9))
+    assert [r["type"] for r in buffered(k)[-3:]] == ["line", "END", "REPORT"]
+
+    # Several requests at once.
+    k2 = make_shipper(start=False)
+    w = tail_for(k2, WEB_SOURCE, cid="c2")
+    k2.shipper._tails["c2"] = w
+    now[0] = T0
+    k2.shipper.request_started("c2", "a", cold=False, init_ms=None)
+    now[0] = T0 + 10 * MS
+    k2.shipper.request_ended("c2", "a", status=200, error=None)
+    w.feed(frames((1, T0 + 5 * MS, b"a's\n"), (1, T0 + 11 * MS, b"nobody's\n")))
+    kinds = [(r["type"], r.get("line"), r["request_id"]) for r in buffered(k2)]
+    assert kinds == [
+        ("START", None, "a"),
+        ("line", "a's", "a"),
+        ("END", None, "a"),
+        ("REPORT", None, "a"),
+        ("line", "nobody's", None),
+    ]
 
 
 # -- platform records, with followers --------------------------------------------------------
@@ -517,7 +628,7 @@ async def test_start_end_report_frame_each_request(
     assert {(p, key) for p, _, key, _ in k.producer.raw()} == {
         (k.shipper._partition_of[b"fn"], b"fn")
     }
-    assert all(ts == int(r["ts"] * 1000) for _, ts, _, r in k.producer.raw())
+    assert all(ts == round(r["ts"] * 1000) for _, ts, _, r in k.producer.raw())
 
 
 async def test_end_waits_for_the_output_written_before_it(
@@ -547,7 +658,7 @@ async def test_end_waits_for_the_output_written_before_it(
     ]
 
 
-async def test_a_later_line_places_end_at_once(
+async def test_the_next_requests_output_places_end_at_once(
     kit: PoolKit, make_shipper: Callable[..., Kit]
 ) -> None:
     k = make_shipper()
@@ -556,15 +667,20 @@ async def test_a_later_line_places_end_at_once(
     k.shipper.request_started(cid, "r1", cold=False, init_ms=None)
     kit.runtime.write_log(cid, "in r1")
     k.shipper.request_ended(cid, "r1", status=200, error=None)
+    await asyncio.sleep(0.002)
     kit.runtime.write_log(cid, "after r1's answer")
-    # Well within the quiet grace: the later line shows the output up to END was read.
-    await eventually(lambda: len(k.producer.records()) == 5, timeout_s=QUIET_GRACE_S * 0.8)
+    k.shipper.request_started(cid, "r2", cold=False, init_ms=None)
+    kit.runtime.write_log(cid, "in r2")
+    # Well within the quiet grace: r2's output shows everything of r1 was read.
+    await eventually(lambda: len(k.producer.records()) == 7, timeout_s=QUIET_GRACE_S * 0.8)
     assert [(r["type"], r["request_id"]) for r in k.producer.records()] == [
         ("START", "r1"),
         ("line", "r1"),
+        ("line", "r1"),  # the window rule: written after r1 answered, still r1's
         ("END", "r1"),
         ("REPORT", "r1"),
-        ("line", "r1"),  # the window rule: written after the answer, still r1's
+        ("START", "r2"),
+        ("line", "r2"),
     ]
 
 
@@ -671,6 +787,33 @@ async def test_failed_batches_are_retried_in_order(
     assert k.shipper.buffer.used == 0
 
 
+@pytest.mark.parametrize("recreated_when_asked", [False, True])
+async def test_records_a_broker_swallowed_are_sent_again(
+    kit: PoolKit, make_shipper: Callable[..., Kit], recreated_when_asked: bool
+) -> None:
+    """A broker that restarted without its topic acknowledges writes and keeps nothing.
+    Records leave the buffer only once the topic was seen to exist after their
+    acknowledgement, and an acknowledgement at an offset lower than before means the
+    log was reset: either way they are sent again, in order."""
+    k = make_shipper()
+    k.producer.recreate_when_asked = recreated_when_asked
+    cid = await start_container(kit, logs=[])
+    k.shipper.follow(cid, SOURCE)
+    kit.runtime.write_log(cid, *[f"kept {i}" for i in range(100)])
+    await eventually(lambda: k.shipper.shipped == 100)
+    k.producer.lose_topic()
+    kit.runtime.write_log(cid, *[f"again {i}" for i in range(100)])
+    await eventually(lambda: k.producer.swallowed >= 100)
+    await eventually(lambda: k.shipper.shipped == 200, timeout_s=3)
+    assert not k.producer.topic_lost
+    records = deduped(k.producer.records())
+    assert lines_of(records) == [f"kept {i}" for i in range(100)] + [
+        f"again {i}" for i in range(100)
+    ]
+    assert [r["seq"] for r in records] == list(range(1, 201))
+    assert k.shipper.buffer.used == 0
+
+
 async def test_kafka_unreachable_at_start_then_missing_topic(
     kit: PoolKit, make_shipper: Callable[..., Kit]
 ) -> None:
@@ -751,10 +894,11 @@ async def test_pool_ships_each_invocation_and_drains_before_removal(
     r2 = await kit.pool.invoke(make_invocation(record, request_id="req-2"))
     assert r1.error is None and r2.error is None
     [c] = kit.runtime.live()
-    assert c.config.log_max_mb == 64 and c.config.to_docker()["HostConfig"]["LogConfig"] == {
-        "Type": "json-file",
-        "Config": {"max-size": "64m", "max-file": "2"},
+    assert c.config.to_docker()["HostConfig"]["LogConfig"] == {
+        "Type": "local",
+        "Config": {"max-size": "64m", "max-file": "2", "compress": "false"},
     }
+    await eventually(lambda: len(of_type(k.producer.records(), "REPORT")) == 2)
     # A slow engine: output is still being read when the instance is retired.
     kit.runtime.log_chunk_delay_s = 0.0005
     kit.runtime.write_log(c.id, *[f"bye {i}" for i in range(200)])

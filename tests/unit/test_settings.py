@@ -174,6 +174,11 @@ def test_container_log_files_are_bounded_by_settings() -> None:
     assert (w.container_log_max_mb, w.container_log_files) == (16, 3)
     with pytest.raises(InvalidRequest, match="IMAGEFN_CONTAINER_LOG_FILES"):
         load_settings({"IMAGEFN_CONTAINER_LOG_FILES": "0"})
+    assert load_settings({}).worker.container_log_driver == "local"
+    env = {"IMAGEFN_CONTAINER_LOG_DRIVER": "json-file"}
+    assert load_settings(env).worker.container_log_driver == "json-file"
+    with pytest.raises(InvalidRequest, match="IMAGEFN_CONTAINER_LOG_DRIVER"):
+        load_settings({"IMAGEFN_CONTAINER_LOG_DRIVER": "syslog"})
 
 
 def test_empty_strings_mean_defaults() -> None:
