@@ -7,11 +7,14 @@ One ``LogShipper`` per worker, owned by the worker service. Its tasks:
 * one follower per container (``follow``), reading the engine's raw multiplexed log
   stream (``GET /containers/{id}/logs?follow=1&stdout=1&stderr=1&timestamps=1``): 8-byte
   frame headers (stream, 0, 0, 0, size as big-endian u32), each payload an RFC 3339 UTC
-  timestamp (when the engine received the output), a space, and the output. The engine
-  splits output longer than 16 KB into several frames without a newline; lines are put
-  back together per stream by newline. A line longer than ``max_line_bytes`` becomes
-  parts (``part`` 1, 2, ... and ``last``), sent as they fill, so one endless line cannot
-  hold memory; output that is not UTF-8 travels base64-encoded (``encoding``).
+  timestamp (when the engine read the output), a space, and the output. The engine
+  cuts a message longer than its 16 KiB buffer into fragments of exactly 16 KiB sharing
+  one timestamp, then the rest (with its newline from json-file, without from local);
+  lines are put back together per stream: complete at a newline, at a shorter fragment
+  without one, or when a frame of another message (another timestamp) arrives. A line
+  longer than ``max_line_bytes`` becomes parts (``part`` 1, 2, ... and ``last``), sent
+  as they fill, so one endless line cannot hold memory; output that is not UTF-8
+  travels base64-encoded (``encoding``).
 * the sender, producing the buffered records in batches (one per partition and round,
   ``acks=all``); a failed batch is sent again, in order, until the cluster takes it.
 * the ticker, which places an invocation's START/END/REPORT once no more of the output
@@ -54,16 +57,20 @@ record (dropped_lines, dropped_bytes, first_ts, last_ts) takes its place in the
 instance's sequence as soon as there is room again (before the instance's next record of
 any kind). Platform records may use a small reserve beyond the bound; what does not fit
 even there is counted in the GAP (``dropped_platform``). Records leave the buffer only
-once Kafka acknowledged them: a retry after an unclear failure may duplicate records,
-which readers drop by (instance, seq).
+once Kafka acknowledged them and the topic was seen to exist after that (a broker that
+restarted empty -- the in-memory test broker -- acknowledges writes to a topic it no
+longer has and keeps nothing; an acknowledged offset lower than before gives it away
+too): such records are sent again once the topic is recreated. A retry after an unclear
+failure may duplicate records, which readers drop by (instance, seq).
 
 Docker 20.10's follow of a log file (local and json-file drivers alike) mishandles
-rotation (it can replay part of a file, and it can end before the new file's tail is
-read). Replays are dropped per stream by
-timestamp (each stream's timestamps only increase); after an instance wrote about half a
-log file's worth, or a replay was seen, the stream's end is followed by one more read
-from the last timestamp (``since``) to pick up a tail the follow missed. Files are large
-(``container_log_max_mb``) so rotation is rare.
+rotation: it can replay part of a file, and it can end before the new file's tail is
+read. Replays are dropped per stream (a stream's timestamps never decrease; of the
+frames at its last timestamp, as many as were taken are skipped); after an instance
+wrote about half a log file's worth, or a replay was seen, the stream's end is followed
+by one more read from the last timestamp (``since``) to pick up a tail the follow
+missed. Files are large (``container_log_max_mb``) so rotation is rare; a follow that
+falls a whole file behind during one burst can still lose lines unseen.
 
 Removal: the pool stops a container, then waits in ``drained`` until its stream ended
 and everything read is in the buffer (bounded by ``drain_timeout_s``), then removes it.
@@ -114,8 +121,14 @@ RECORD_OVERHEAD = 64
 # {"log":...,"stream":...,"time":...} more, local's protobuf less): used to tell whether
 # a log file may have rotated under the follower, so erring high only costs a re-read.
 ENGINE_LOG_OVERHEAD = 64
-# Windows and requests older than this (behind the newest line read) are forgotten.
-ATTRIBUTION_HORIZON_NS = 30 * 1_000_000_000
+# Attribution history: windows that began this long before the newest line read (at most
+# WINDOWS_KEPT of them), and requests of a concurrent instance that ended this long
+# before (at most ENDED_KEPT: every line is checked against them), are forgotten. Output
+# read later than that about its time is attributed to nobody.
+WINDOW_HORIZON_NS = 10 * 1_000_000_000
+WINDOWS_KEPT = 4096
+ENDED_HORIZON_NS = 2 * 1_000_000_000
+ENDED_KEPT = 256
 # A Kafka batch holds at most this many bytes; a record alone may be larger.
 MAX_BATCH_BYTES = MiB
 # The topic is (re)created at most this often when producing fails (a broker that
@@ -127,7 +140,7 @@ VERIFY_EVERY_S = 0.25
 WARN_EVERY_S = 5.0
 _NS = 1_000_000_000
 NEVER = 1 << 62
-_FRAC_SCALE = tuple(10 ** (9 - i) if i <= 9 else 0 for i in range(10))
+_FRAC_SCALE: tuple[int, ...] = tuple(int(10 ** (9 - i)) for i in range(10))
 _json_str: Callable[[str], str] = json.encoder.encode_basestring
 
 
@@ -432,7 +445,7 @@ class _Tail:
         self.windows = source.concurrency <= 1
         self.wstarts: list[int] = []
         self.wreqs: list[_Request] = []
-        self.cur_start = 1 << 62
+        self.cur_start = NEVER
         self.cur: _Request | None = None
         self.active: list[_Request] = []
         self.open: dict[str, list[_Request]] = {}
@@ -451,10 +464,11 @@ class _Tail:
 
     def started(self, req: _Request) -> None:
         self.open.setdefault(req.rid, []).append(req)
-        horizon = max(self.newest_ns, req.start_ns) - ATTRIBUTION_HORIZON_NS
+        newest = max(self.newest_ns, req.start_ns)
         if self.windows:
-            # Forget windows nobody's output can fall into any more (all but the last).
-            drop = 0
+            # Forget windows no output can fall into any more (all but the last).
+            horizon = newest - WINDOW_HORIZON_NS
+            drop = max(0, len(self.wstarts) + 1 - WINDOWS_KEPT)
             while drop + 1 < len(self.wstarts) and self.wstarts[drop + 1] < horizon:
                 drop += 1
             if drop:
@@ -463,9 +477,10 @@ class _Tail:
             self.wreqs.append(req)
             self.cur_start, self.cur = req.start_ns, req
         else:
-            self.active = [r for r in self.active if r.end_ns is None or r.end_ns >= horizon] + [
-                req
-            ]
+            horizon = newest - ENDED_HORIZON_NS
+            ended = [r for r in self.active if r.end_ns is not None and r.end_ns >= horizon]
+            inflight = [r for r in self.active if r.end_ns is None]
+            self.active = ended[-ENDED_KEPT:] + inflight + [req]
         self.pending.append(_Event(logrecords.START, req.start_ns, req))
         self.refresh_due()
 
