@@ -1070,7 +1070,13 @@ class LogShipper:
             done, _ = await asyncio.wait({task}, timeout=self.settings.drain_timeout_s)
             if not done:
                 clean = False
-                log.warning("log_drain_timeout", container=container_id[:12])
+                # Whatever the engine had not delivered by now is lost with the container.
+                log.warning(
+                    "log_drain_timeout",
+                    container=container_id[:12],
+                    timeout_s=self.settings.drain_timeout_s,
+                    unread_output="lost",
+                )
                 task.cancel()
                 await asyncio.wait({task}, timeout=1.0)
         tail.removed = True
