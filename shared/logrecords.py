@@ -24,14 +24,20 @@ Fields (absent when not applicable):
                 of all the requests in flight when the line was written (``request_id`` is
                 then null, since nobody can tell which one wrote it).
 START           ``cold`` (bool)
-END             ``status`` (HTTP status), ``error`` (error type or null), ``duration_ms``
-REPORT          ``duration_ms``, ``status``, ``cold``, ``init_ms`` (cold starts),
-                ``memory_peak_mb`` (the instance's peak as the engine/cgroup reports it,
+END             ``status`` (the function's HTTP status, the platform's when it did not
+                answer, null if the call was abandoned), ``error`` (error type or null),
+                ``duration_ms``
+REPORT          ``duration_ms``, ``status``, ``error``, ``cold``, ``init_ms`` (cold starts),
+                ``memory_peak_mb`` (the instance's peak so far as its cgroup reports it,
                 null where unavailable), ``memory_limit_mb``, ``lines`` (output lines
-                attributed to the request)
+                attributed to the request and placed before its END; a line in parts
+                counts once), ``dropped_lines`` (only when some of its lines were dropped)
 GAP             ``dropped_lines``, ``dropped_bytes``, ``first_ts``, ``last_ts``: lines of
                 this instance that were dropped because the buffer was full while Kafka
                 was slow or away; emitted where they were dropped, once records flow again.
+                ``request_id`` is set when all of them belonged to one request;
+                ``dropped_platform`` counts platform records dropped too (rare: only beyond
+                a reserve kept for them).
 """
 
 from __future__ import annotations

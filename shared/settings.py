@@ -143,6 +143,12 @@ class WorkerSettings:
     max_result_bytes: int = 6 * MiB
     max_response_header_bytes: int = 4096
     log_tail_lines: int = 20
+    # Each instance's engine log: at most this many files of this size. Large files on
+    # purpose: the engine's follow can lose lines at a rotation (docs). The "local" driver
+    # keeps output byte for byte; "json-file" turns bytes that are not UTF-8 into U+FFFD.
+    container_log_max_mb: int = 64
+    container_log_files: int = 2
+    container_log_driver: str = "local"
     # Deployment identifiers sent as X-Scf-Namespace/-Region/-Appid/-Uin.
     scf_namespace: str = "default"
     scf_region: str = "local"
@@ -300,6 +306,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             "setting IMAGEFN_QUEUE_BACKEND=kafka needs IMAGEFN_KAFKA_BOOTSTRAP (host:port)"
         )
     lg = LogSettings()
+    log_driver = env.get("IMAGEFN_CONTAINER_LOG_DRIVER") or w.container_log_driver
+    if log_driver not in ("local", "json-file"):
+        raise InvalidRequest(
+            f"setting IMAGEFN_CONTAINER_LOG_DRIVER={log_driver!r}: supported: local, json-file"
+        )
     return Settings(
         redis=RedisSettings(url=env.get("IMAGEFN_REDIS_URL") or RedisSettings.url),
         queue=QueueSettings(
@@ -333,6 +344,13 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             heartbeat_ttl_s=_float(env, "IMAGEFN_HEARTBEAT_TTL_S", w.heartbeat_ttl_s),
             janitor_interval_s=_float(env, "IMAGEFN_JANITOR_INTERVAL_S", w.janitor_interval_s),
             drain_timeout_s=_float(env, "IMAGEFN_DRAIN_TIMEOUT_S", w.drain_timeout_s),
+            container_log_max_mb=_positive(
+                env, "IMAGEFN_CONTAINER_LOG_MAX_MB", w.container_log_max_mb
+            ),
+            container_log_files=_positive(
+                env, "IMAGEFN_CONTAINER_LOG_FILES", w.container_log_files
+            ),
+            container_log_driver=log_driver,
         ),
         registry=RegistrySettings(
             address=env.get("IMAGEFN_REGISTRY") or r.address,

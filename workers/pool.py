@@ -37,6 +37,7 @@ from shared.spec import FunctionRecord
 from workers import decisions
 from workers.forwarder import ConnectionLost, Forwarder, Response
 from workers.instance import ASLEEP_STATES, STARTING_STATES, Instance, State
+from workers.logship import InstanceLogs, LogSource
 from workers.probe import diagnose_listeners, listens_on_9000, probe_port
 from workers.runtime import (
     LABEL_FUNCTION,
@@ -76,8 +77,12 @@ class ContainerPool:
         worker_id: str,
         installation: str,
         images: ImageProvider,
+        logs: InstanceLogs | None = None,
     ) -> None:
         self._installation = installation
+        # Ships every instance's output (workers/logship.py); None: output stays in the
+        # engine's log files only.
+        self._logs = logs
         self._images = images
         self._runtime = runtime
         self._forwarder = forwarder
@@ -117,19 +122,31 @@ class ContainerPool:
         timings: dict[str, float] = {"queue": max(0.0, started - inv.enqueued_at)}
         inst: Instance | None = None
         cold = False
+        logged = False
+        # For the log shipper's END: the function's own HTTP status when it answered, the
+        # platform's otherwise; unknown (None) if the call was abandoned (cancelled).
+        status: int | None = None
+        error: str | None = "Cancelled"
         try:
             inst, cold = await self._acquire(inv, timings)
             structlog.contextvars.bind_contextvars(instance=inst.id)
+            logged = self._log_started(inst, inv, cold)
             run_started = time.monotonic()
             try:
                 resp = await self._run(inst, inv)
             finally:
                 timings["run"] = time.monotonic() - run_started
+            status, error = resp.status, None
             result = self._result(inv, resp)
         except ImagefnError as e:
             result = InvocationResult.failure(inv.request_id, e)
+            status, error = status or e.http_status, e.type_name
         finally:
             if inst is not None:
+                if logged and self._logs is not None:
+                    self._logs.request_ended(
+                        inst.container_id, inv.request_id, status=status, error=error
+                    )
                 await self._release(inst)
         return InvocationResult(
             request_id=result.request_id,
@@ -142,6 +159,16 @@ class ContainerPool:
             cold_start=cold,
             timings={k: round(v, 6) for k, v in timings.items()},
         )
+
+    def _log_started(self, inst: Instance, inv: Invocation, cold: bool) -> bool:
+        if self._logs is None or not inst.container_id:
+            return False
+        init_ms = None
+        if cold:
+            t = inst.start_timings
+            init_ms = 1000 * (t.get("create", 0.0) + t.get("start", 0.0) + t.get("ready", 0.0))
+        self._logs.request_started(inst.container_id, inv.request_id, cold=cold, init_ms=init_ms)
+        return True
 
     def _result(self, inv: Invocation, resp: Response) -> InvocationResult:
         if inv.kind == "event" and not 200 <= resp.status < 300:
@@ -435,7 +462,7 @@ class ContainerPool:
         spec = inst.record.spec
         s = self._settings
         return ContainerConfig(
-            name=f"imagefn-{spec.name}-{inst.id}",
+            name=self._container_name(inst),
             image=inst.record.image_ref,
             command=spec.command,
             args=spec.args,
@@ -452,7 +479,14 @@ class ContainerPool:
             pids_limit=s.pids_limit,
             nofile_limit=s.nofile_limit,
             tmpfs_size_mb=s.tmpfs_size_mb,
+            log_max_mb=s.container_log_max_mb,
+            log_files=s.container_log_files,
+            log_driver=s.container_log_driver,
         )
+
+    @staticmethod
+    def _container_name(inst: Instance) -> str:
+        return f"imagefn-{inst.function}-{inst.id}"
 
     async def _start(self, inst: Instance) -> None:
         pull_s = await self._images.ensure(inst.record.image_ref)
@@ -467,6 +501,18 @@ class ContainerPool:
         inst.transition(State.STARTING)
         await asyncio.wait_for(self._runtime.start(inst.container_id), ENGINE_CALL_TIMEOUT_S)
         inst.start_timings["start"] = (t3 := time.monotonic()) - t2
+        if self._logs is not None:
+            spec = inst.record.spec
+            self._logs.follow(
+                inst.container_id,
+                LogSource(
+                    function=spec.name,
+                    version=inst.record.version,
+                    instance=self._container_name(inst),
+                    concurrency=spec.instance_concurrency,
+                    memory_limit_mb=spec.memory_mb,
+                ),
+            )
         inst.transition(State.INITIALIZING)
         inst.host_port = await asyncio.wait_for(
             self._runtime.host_port(inst.container_id), ENGINE_CALL_TIMEOUT_S
@@ -547,6 +593,9 @@ class ContainerPool:
         reason = inst.retire_reason or "unknown"
         if inst.container_id:
             stop_s = 0.0 if reason in KILL_REASONS else self._settings.stop_timeout_s
+            if self._logs is not None:
+                await self._stop_and_drain(inst, stop_s)
+                stop_s = 0.0
             try:
                 await asyncio.wait_for(
                     asyncio.shield(self._runtime.remove(inst.container_id, stop_s)),
@@ -565,6 +614,20 @@ class ContainerPool:
             if inst.start_error is not None:
                 self._provision_failed(inst.record)
             self.reconcile_provisioned()
+
+    async def _stop_and_drain(self, inst: Instance, stop_s: float) -> None:
+        """Stop the container, then wait for the log shipper to have read all it wrote:
+        removing it at once would end its log stream with output still unread."""
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(self._runtime.stop(inst.container_id, stop_s)),
+                ENGINE_CALL_TIMEOUT_S,
+            )
+        except Exception as e:
+            log.warning("instance_stop_failed", container=inst.container_id, error=str(e))
+        assert self._logs is not None
+        # Bounded by the shipper (drain_timeout_s): removal is never held up for long.
+        await self._logs.drained(inst.container_id)
 
     # -- provisioned instances ---------------------------------------------------------------
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiodocker
+import aiohttp
 import structlog
 from aiodocker.exceptions import DockerError
 
@@ -45,6 +46,22 @@ class ContainerConfig:
     pids_limit: int
     nofile_limit: int
     tmpfs_size_mb: int
+    # The engine's log of the instance: at most ``log_files`` files of ``log_max_mb`` each,
+    # so a chatty instance's disk use is bounded. Docker 20.10 follows a rotating file
+    # unreliably (workers/logship.py copes), so files are large enough that rotation is
+    # rare within one instance's life. "local" keeps output byte for byte (json-file
+    # turns bytes that are not UTF-8 into U+FFFD) and costs the engine less per line.
+    log_max_mb: int = 64
+    log_files: int = 2
+    log_driver: str = "local"
+
+    def _log_options(self) -> dict[str, str]:
+        options = {"max-size": f"{self.log_max_mb}m", "max-file": str(self.log_files)}
+        if self.log_driver == "local":
+            # Gzipping a full file at rotation would cost the engine a CPU-second in the
+            # middle of a burst of output.
+            options["compress"] = "false"
+        return options
 
     def to_docker(self) -> dict[str, Any]:
         """The Engine API create body: the sandbox every function instance runs in."""
@@ -69,7 +86,7 @@ class ContainerConfig:
                 "Ulimits": [
                     {"Name": "nofile", "Soft": self.nofile_limit, "Hard": self.nofile_limit}
                 ],
-                "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
+                "LogConfig": {"Type": self.log_driver, "Config": self._log_options()},
                 "NetworkMode": "bridge",
                 "Init": False,
             },
@@ -104,7 +121,11 @@ class ContainerRuntime(Protocol):
     async def host_port(self, container_id: str) -> int: ...
     async def state(self, container_id: str) -> ContainerState: ...
     async def logs_tail(self, container_id: str, lines: int) -> list[str]: ...
+    async def stop(self, container_id: str, timeout_s: float) -> None: ...
     async def remove(self, container_id: str, stop_timeout_s: float) -> None: ...
+    def log_stream(
+        self, container_id: str, *, follow: bool = True, since_ns: int | None = None
+    ) -> AsyncGenerator[bytes, None]: ...
     async def pause(self, container_id: str) -> None: ...
     async def unpause(self, container_id: str) -> None: ...
     async def list_managed(self) -> list[ManagedContainer]: ...
@@ -126,14 +147,31 @@ def _docker_message(e: DockerError) -> str:
 class DockerRuntime:
     """ContainerRuntime over the Docker Engine API."""
 
-    def __init__(self, docker: aiodocker.Docker) -> None:
+    def __init__(self, docker: aiodocker.Docker, streams: aiodocker.Docker | None = None) -> None:
         self._docker = docker
+        # Log streams hold one connection per running container for its whole life: on
+        # the main client they would use up its connection pool (100) and stall every
+        # other engine call, so they get a client of their own where that is possible.
+        self._streams = streams or docker
 
     @classmethod
     def connect(cls, url: str | None) -> DockerRuntime:
-        return cls(aiodocker.Docker(url=url))
+        docker = aiodocker.Docker(url=url)
+        streams = None
+        # The engine's socket, as the main client resolved it (url, DOCKER_HOST, or the
+        # default paths); aiodocker itself addresses it as "unix://localhost".
+        main = getattr(docker, "connector", None)
+        if isinstance(main, aiohttp.UnixConnector):
+            streams = aiodocker.Docker(
+                url="unix://localhost", connector=aiohttp.UnixConnector(main.path, limit=0)
+            )
+        return cls(docker, streams)
 
     async def close(self) -> None:
+        if self._streams is not self._docker:
+            await self._streams.close()
+            # aiodocker leaves a connector it was given open.
+            await self._streams.connector.close()
         await self._docker.close()
 
     async def create(self, config: ContainerConfig) -> str:
@@ -195,6 +233,32 @@ class DockerRuntime:
         except DockerError:
             return []
         return [str(line).rstrip("\n") for line in out]
+
+    async def stop(self, container_id: str, timeout_s: float) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s`` (at once for 0); the container stays."""
+        with contextlib.suppress(DockerError):  # gone or already stopped: nothing to do
+            await self._docker.containers.container(container_id).stop(t=max(0, int(timeout_s)))
+
+    async def log_stream(
+        self, container_id: str, *, follow: bool = True, since_ns: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """The container's stdout and stderr as the engine's raw multiplexed stream (8-byte
+        frame headers, each payload led by an RFC 3339 timestamp), in chunks as they come.
+        Following ends when the container stops; ``since_ns`` (inclusive) skips older
+        output. An engine error ends the stream with ServiceUnavailable."""
+        params: dict[str, str] = {"stdout": "1", "stderr": "1", "timestamps": "1"}
+        if follow:
+            params["follow"] = "1"
+        if since_ns is not None:
+            params["since"] = f"{since_ns // 1_000_000_000}.{since_ns % 1_000_000_000:09d}"
+        try:
+            async with self._streams._query(
+                f"containers/{container_id}/logs", method="GET", params=params, timeout=None
+            ) as resp:
+                while chunk := await resp.content.readany():
+                    yield chunk
+        except DockerError as e:
+            raise ServiceUnavailable(f"docker logs failed: {_docker_message(e)}") from e
 
     async def remove(self, container_id: str, stop_timeout_s: float) -> None:
         container = self._docker.containers.container(container_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -75,13 +76,44 @@ def managed_containers(worker_ids: list[str] | None = None) -> list[dict[str, st
     ]
 
 
+CONTEXT_LABEL = "imagefn.test.context"
+
+
+def context_digest(context: Path) -> str:
+    """A digest of an image's build directory: the image is rebuilt when it changes."""
+    h = hashlib.sha256()
+    files = (p for p in context.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    for f in sorted(files):
+        h.update(str(f.relative_to(context)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
 def docker_engine() -> None:
     if shutil.which("docker") is None or docker("info", check=False).returncode != 0:
         pytest.fail("the Docker engine does not answer; run deploy/setup.sh first")
     for tag, context in IMAGES.items():
-        if docker("image", "inspect", tag, check=False).returncode != 0:
-            built = docker("build", "-q", "-t", tag, str(context), check=False)
+        digest = context_digest(context)
+        label = docker(
+            "image",
+            "inspect",
+            "-f",
+            f'{{{{index .Config.Labels "{CONTEXT_LABEL}"}}}}',
+            tag,
+            check=False,
+        )
+        # Missing, or built from other sources (another checkout's, or before a change).
+        if label.returncode != 0 or label.stdout.strip() != digest:
+            built = docker(
+                "build",
+                "-q",
+                "--label",
+                f"{CONTEXT_LABEL}={digest}",
+                "-t",
+                tag,
+                str(context),
+                check=False,
+            )
             if built.returncode != 0:
                 pytest.fail(f"cannot build {tag}: {built.stderr[-2000:]}")
 

@@ -9,8 +9,10 @@ import hashlib
 import itertools
 import json
 import socket
+import struct
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +60,23 @@ class FakeContainer:
     port: int = 0
     server: asyncio.Server | None = None
     conns: list[asyncio.StreamWriter] = field(default_factory=list)
+    # The engine's log of the container: (timestamp ns of the chunk's first frame, raw
+    # multiplexed bytes), and an event poked whenever it grows or the container stops.
+    log: list[tuple[int, bytes]] = field(default_factory=list)
+    log_changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def rfc3339(ts_ns: int) -> bytes:
+    """An engine timestamp: RFC 3339 in UTC with nanoseconds."""
+    sec, ns = divmod(ts_ns, 1_000_000_000)
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns:09d}Z").encode()
+
+
+def log_frame(payload: bytes | str, *, stream: int = 1, ts_ns: int | None = None) -> bytes:
+    """One frame of the engine's multiplexed log stream, with its timestamp."""
+    data = payload.encode() if isinstance(payload, str) else payload
+    body = rfc3339(time.time_ns() if ts_ns is None else ts_ns) + b" " + data
+    return struct.pack(">BxxxI", stream, len(body)) + body
 
 
 MiB = 1024 * 1024
@@ -115,6 +134,12 @@ class FakeRuntime:
         self.deaths: asyncio.Queue[str] = asyncio.Queue()
         self.closed = False
         self.pauses: list[str] = []
+        # Stops, removals and ends of log streams in order: ("stop"|"remove"|"log_end", id).
+        self.events: list[tuple[str, str]] = []
+        # Every log stream asked for: (container id, follow, since_ns).
+        self.log_reads: list[tuple[str, bool, int | None]] = []
+        # The engine hands out a log chunk at most this often (a slow engine).
+        self.log_chunk_delay_s = 0.0
         self.unpauses: list[str] = []
         self.pause_error: Exception | None = None
         self.unpause_delay_s = 0.0
@@ -142,7 +167,33 @@ class FakeRuntime:
     async def exit(self, container_id: str, code: int, *, oom: bool = False) -> None:
         c = self.containers[container_id]
         c.running, c.exit_code, c.oom_killed = False, code, oom
+        c.log_changed.set()
         await self._stop_server(c)
+
+    def write_log(
+        self,
+        container_id: str,
+        *lines: bytes | str,
+        stream: int = 1,
+        ts_ns: int | None = None,
+        newline: bool = True,
+    ) -> None:
+        """The container writes ``lines`` (each its own frame) to stdout (1) or stderr (2),
+        received by the engine at ``ts_ns`` (now by default; later lines 1 µs apart)."""
+        ts = time.time_ns() if ts_ns is None else ts_ns
+        for i, line in enumerate(lines):
+            data = line.encode() if isinstance(line, str) else line
+            self.write_raw(
+                container_id,
+                log_frame(data + (b"\n" if newline else b""), stream=stream, ts_ns=ts + i * 1000),
+                ts_ns=ts + i * 1000,
+            )
+
+    def write_raw(self, container_id: str, chunk: bytes, *, ts_ns: int | None = None) -> None:
+        """Raw bytes of the multiplexed stream, exactly as given (frames may be split)."""
+        c = self.containers[container_id]
+        c.log.append((time.time_ns() if ts_ns is None else ts_ns, chunk))
+        c.log_changed.set()
 
     def live(self) -> list[FakeContainer]:
         return [c for c in self.containers.values() if not c.removed]
@@ -171,6 +222,8 @@ class FakeRuntime:
         if b.start_error is not None:
             raise b.start_error()
         c.started = True
+        if b.logs:
+            self.write_log(container_id, *b.logs)
         if b.exit_code is not None or b.oom_killed:
             c.exit_code, c.oom_killed = b.exit_code, b.oom_killed
             c.port = closed_port()
@@ -207,12 +260,48 @@ class FakeRuntime:
     async def logs_tail(self, container_id: str, lines: int) -> list[str]:
         return list(self.containers[container_id].behaviour.logs[-lines:])
 
+    async def stop(self, container_id: str, timeout_s: float) -> None:
+        self.events.append(("stop", container_id))
+        c = self.containers[container_id]
+        c.running = False
+        c.log_changed.set()
+        await self._stop_server(c)
+
     async def remove(self, container_id: str, stop_timeout_s: float) -> None:
+        self.events.append(("remove", container_id))
         self.removed.append((container_id, stop_timeout_s))
         c = self.containers[container_id]
         c.running = False
         c.removed = True
+        c.log_changed.set()
         await self._stop_server(c)
+
+    async def log_stream(
+        self, container_id: str, *, follow: bool = True, since_ns: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """The container's log as the engine streams it: what is there (from ``since_ns``),
+        then, when following, what comes, until the container stops. A removed container's
+        stream ends at once: output not read by then is lost, as with the engine."""
+        self.log_reads.append((container_id, follow, since_ns))
+        c = self.containers[container_id]
+        pos = 0
+        try:
+            while True:
+                while pos < len(c.log):
+                    if self.log_chunk_delay_s:
+                        await asyncio.sleep(self.log_chunk_delay_s)
+                    if c.removed:
+                        return
+                    ts, chunk = c.log[pos]
+                    pos += 1
+                    if since_ns is None or ts >= since_ns:
+                        yield chunk
+                if not follow or not c.running or c.removed:
+                    return
+                c.log_changed.clear()
+                await c.log_changed.wait()
+        finally:
+            self.events.append(("log_end", container_id))
 
     async def pause(self, container_id: str) -> None:
         if self.pause_error is not None:

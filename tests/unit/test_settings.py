@@ -174,6 +174,21 @@ def test_no_bootstrap_turns_log_shipping_off() -> None:
         load_settings({"IMAGEFN_LOG_BUFFER_MB": "0"})
 
 
+def test_container_log_files_are_bounded_by_settings() -> None:
+    w = load_settings({}).worker
+    assert (w.container_log_max_mb, w.container_log_files) == (64, 2)
+    env = {"IMAGEFN_CONTAINER_LOG_MAX_MB": "16", "IMAGEFN_CONTAINER_LOG_FILES": "3"}
+    w = load_settings(env).worker
+    assert (w.container_log_max_mb, w.container_log_files) == (16, 3)
+    with pytest.raises(InvalidRequest, match="IMAGEFN_CONTAINER_LOG_FILES"):
+        load_settings({"IMAGEFN_CONTAINER_LOG_FILES": "0"})
+    assert load_settings({}).worker.container_log_driver == "local"
+    env = {"IMAGEFN_CONTAINER_LOG_DRIVER": "json-file"}
+    assert load_settings(env).worker.container_log_driver == "json-file"
+    with pytest.raises(InvalidRequest, match="IMAGEFN_CONTAINER_LOG_DRIVER"):
+        load_settings({"IMAGEFN_CONTAINER_LOG_DRIVER": "syslog"})
+
+
 def test_empty_strings_mean_defaults() -> None:
     s = load_settings({"IMAGEFN_QUEUE_BACKEND": "", "IMAGEFN_PREFIX": "", "IMAGEFN_REDIS_URL": ""})
     assert (s.queue.backend, s.queue.prefix) == ("redis", "imagefn")

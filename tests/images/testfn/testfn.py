@@ -15,6 +15,7 @@ this order (fields combine):
 
   {"print": ["line", ...]}   print the lines to stdout
   {"stderr": "text"}         write the text to stderr
+  {"output": [STEP, ...]}    write output by steps (below), in order
   {"alloc_mb": N}            allocate and touch N MiB until answering    -> OutOfMemory
   {"sleep": S}               sleep S seconds                             -> FunctionTimeout
   {"exit": CODE}             print a line and os._exit(CODE) mid-request -> UserProcessExited
@@ -24,14 +25,31 @@ this order (fields combine):
   {"status": N}              answer with status N instead of 200
   {"body": B}                answer B instead of the description (str as text, else JSON)
 
+and after the response has been sent:
+
+  {"output_after": [STEP, ...]}
+
+An output STEP is one of:
+
+  {"lines": N, "prefix": "P", "stream": "stdout"|"stderr", "over_s": S}
+        N numbered lines "P0" ... "P<N-1>" (prefix default "line "), written in
+        chunks, spread evenly over S seconds (default: at once)
+  {"sleep": S}               pause S seconds
+  {"raw_b64": "..."}         these bytes, decoded from base64, exactly (binary output)
+  {"long_line": N}           one line of N bytes ("0123456789" repeated)
+
 By default the answer is a JSON description of the process and request (pid, hostname,
 request id, headers, event, TEST_* environment, whether /tmp and / are writable).
+
+The environment variable TESTFN_QUIET (any value) turns off the access log line the
+server writes to stderr for each request.
 
 Any other method or path is a web echo: JSON with method, path, query, headers, body.
 Query parameters print, stderr, alloc_mb, sleep, exit, close, size, status and body act
 as above; ?header=Name:Value (repeatable) adds a response header.
 """
 
+import base64
 import json
 import os
 import resource
@@ -138,12 +156,17 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with STATS_LOCK:
                 STATS["inflight"] -= 1
+        if spec.get("output_after"):
+            self.wfile.flush()  # the response is out: what follows comes after it
+            write_output(spec["output_after"])
 
     def behave(self, spec: dict[str, Any], describe: Callable[[], object]) -> None:
         for line in spec.get("print") or []:
             print(line, flush=True)
         if "stderr" in spec:
             print(spec["stderr"], file=sys.stderr, flush=True)
+        if spec.get("output"):
+            write_output(spec["output"])
         ballast = b"\x01" * (int(spec.get("alloc_mb", 0)) << 20)  # filled, so really resident
         if spec.get("sleep"):
             time.sleep(float(spec["sleep"]))
@@ -212,7 +235,36 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:
-        print(f"testfn: {format % args}", file=sys.stderr, flush=True)
+        if not os.environ.get("TESTFN_QUIET"):  # set: no access log line per request
+            print(f"testfn: {format % args}", file=sys.stderr, flush=True)
+
+
+def write_output(steps: list[dict[str, Any]]) -> None:
+    """Output by steps (see the module docstring), written straight to the file
+    descriptors: large writes, no Python buffering in between."""
+    for step in steps:
+        if "sleep" in step:
+            time.sleep(float(step["sleep"]))
+        elif "raw_b64" in step:
+            os.write(1, base64.b64decode(step["raw_b64"]))
+        elif "long_line" in step:
+            n = int(step["long_line"])
+            os.write(1, (b"0123456789" * (n // 10 + 1))[:n] + b"\n")
+        elif "lines" in step:
+            n, prefix = int(step["lines"]), str(step.get("prefix", "line "))
+            fd = 2 if step.get("stream") == "stderr" else 1
+            over_s = float(step.get("over_s", 0))
+            chunk = 200
+            started = time.monotonic()
+            for i in range(0, n, chunk):
+                if over_s:
+                    ahead = started + over_s * i / n - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
+                data = "".join(f"{prefix}{j}\n" for j in range(i, min(i + chunk, n)))
+                view = memoryview(data.encode())
+                while view:
+                    view = view[os.write(fd, view) :]
 
 
 def serve(host: str, port: int, server_class: type[HTTPServer] = HTTPServer) -> None:
