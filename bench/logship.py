@@ -41,6 +41,7 @@ from typing import Any
 import aiodocker
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import (  # the sibling script, found through sys.path
@@ -84,14 +85,23 @@ class LogFollower:
             max_partition_fetch_bytes=8 << 20,
         )
         await self.consumer.start()
-        parts = self.consumer.partitions_for_topic(self.topic)
-        deadline = time.monotonic() + 20
-        while not parts:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"topic {self.topic} did not appear")
-            await asyncio.sleep(0.2)
-            await self.consumer.topics()  # refreshes metadata
-            parts = self.consumer.partitions_for_topic(self.topic)
+        # The consumer's metadata cache only learns topics it is asked about; the admin
+        # client reports the partitions of the topic the worker created.
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            parts: list[int] = []
+            deadline = time.monotonic() + 20
+            while not parts:
+                for t in await admin.describe_topics([self.topic]):
+                    if t.get("topic") == self.topic and not t.get("error_code"):
+                        parts = [int(p["partition"]) for p in t.get("partitions") or []]
+                if not parts:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"topic {self.topic} did not appear")
+                    await asyncio.sleep(0.2)
+        finally:
+            await admin.close()
         tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
         self.consumer.assign(tps)
         await self.consumer.seek_to_end(*tps)
@@ -370,13 +380,17 @@ async def amain(a: argparse.Namespace) -> int:
                     d = await part_delay(s, on, fol, name, rate, a.seconds)
                     res["delay"].append(d)
                     log(f"   p99 {d['delay_ms']['p99']:.1f} ms")
+            res["platform_records"] = dict(fol.platform_records)
+            # This process must not compete with the platforms for the CPU while their
+            # latency is compared: stop reading the topic first.
+            await fol.stop()
+            fol = None
             if "cost" in parts:
                 log(f"3. cost: {a.blocks} blocks of {a.block_size} per platform")
                 res["cost"] = await part_cost(
                     s, on, off, name, a.cost_lines, a.blocks, a.block_size
                 )
                 log(f"   p99 on/off x{res['cost']['p99_ratio']:.3f}")
-            res["platform_records"] = dict(fol.platform_records)
     except Exception:
         log("benchmark failed:\n" + traceback.format_exc())
         rc = 1
