@@ -2,7 +2,9 @@
 through the Docker Engine API, into Kafka (``{prefix}.logs``) as the records of
 shared/logrecords.py.
 
-One ``LogShipper`` per worker, owned by the worker service. Its tasks:
+One ``LogShipper`` per worker. It runs in a child process of the worker
+(workers/logship_main.py, driven through workers/logship_proxy.py) so that its CPU work
+does not delay the worker's event loop, which forwards invocations. Its tasks:
 
 * one follower per container (``follow``), reading the engine's raw multiplexed log
   stream (``GET /containers/{id}/logs?follow=1&stdout=1&stderr=1&timestamps=1``): 8-byte
@@ -1024,18 +1026,38 @@ class LogShipper:
 
     # -- what the pool tells ---------------------------------------------------------------
 
-    def follow(self, container_id: str, source: LogSource) -> None:
+    def follow(
+        self,
+        container_id: str,
+        source: LogSource,
+        *,
+        since_ns: int | None = None,
+        seq_from: int = 0,
+    ) -> None:
+        """Follow a container's output. ``since_ns`` skips output stamped before it, and
+        ``seq_from`` is where the instance's ``seq`` continues from: a shipper taking over
+        a container another one followed (a restarted shipper process) neither re-ships
+        what was read before nor reuses its seqs, which readers would drop as duplicates."""
         if self._closing or container_id in self._tails:
             return
         tail = _Tail(self, container_id, source)
+        tail.seq = seq_from
         self._tails[container_id] = tail
         tail.task = asyncio.create_task(
-            self._follow(tail), name=f"logship-follow-{container_id[:12]}"
+            self._follow(tail, since_ns), name=f"logship-follow-{container_id[:12]}"
         )
 
     def request_started(
-        self, container_id: str, request_id: str, *, cold: bool, init_ms: float | None
+        self,
+        container_id: str,
+        request_id: str,
+        *,
+        cold: bool,
+        init_ms: float | None,
+        at_ns: int | None = None,
     ) -> None:
+        """``at_ns``: when the request started (default now); a shipper in another
+        process gets the time the pool saw, as attribution must not depend on transit."""
         tail = self._tails.get(container_id)
         if tail is None:
             return
@@ -1043,7 +1065,7 @@ class LogShipper:
             _Request(
                 rid=request_id,
                 rid_json=_json_str(request_id),
-                start_ns=time.time_ns(),
+                start_ns=time.time_ns() if at_ns is None else at_ns,
                 cold=cold,
                 init_ms=None if init_ms is None else round(init_ms, 3),
             )
@@ -1051,10 +1073,17 @@ class LogShipper:
         self._tick_wanted.set()
 
     def request_ended(
-        self, container_id: str, request_id: str, *, status: int | None, error: str | None
+        self,
+        container_id: str,
+        request_id: str,
+        *,
+        status: int | None,
+        error: str | None,
+        at_ns: int | None = None,
     ) -> None:
         tail = self._tails.get(container_id)
-        if tail is not None and tail.ended(request_id, time.time_ns(), status, error):
+        end_ns = time.time_ns() if at_ns is None else at_ns
+        if tail is not None and tail.ended(request_id, end_ns, status, error):
             self._tick_wanted.set()
 
     async def drained(self, container_id: str) -> bool:
@@ -1088,9 +1117,8 @@ class LogShipper:
 
     # -- following -------------------------------------------------------------------------
 
-    async def _follow(self, tail: _Tail) -> None:
+    async def _follow(self, tail: _Tail, since: int | None = None) -> None:
         cid = tail.container_id
-        since: int | None = None
         backoff_s = 0.2
         try:
             while True:

@@ -13,7 +13,7 @@ from shared.queue.factory import make_queue
 from shared.settings import Settings
 from workers.forwarder import Forwarder
 from workers.images import ImageStore, TokenSource
-from workers.logship import LogShipper, MiB
+from workers.logship_proxy import ShipperProcess
 from workers.pool import ContainerPool
 from workers.runtime import DockerRuntime
 from workers.worker import Worker
@@ -27,21 +27,16 @@ async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
         stack.push_async_callback(queue.close)
         runtime = DockerRuntime.connect(settings.worker.docker_url)
         stack.push_async_callback(runtime.close)
-        shipper: LogShipper | None = None
+        logs: ShipperProcess | None = None
         if settings.logs.enabled:
-            # Starts without waiting for Kafka: it connects (and creates the logs topic)
-            # in the background, and the worker serves meanwhile.
-            shipper = LogShipper.for_kafka(
-                settings.logs,
-                settings.kafka,
-                runtime,
-                worker=settings.worker.worker_id,
-                rotate_bytes=settings.worker.container_log_max_mb * MiB,
-            )
-            shipper.start()
-            # Runs after the worker stopped (the pool drained every container's log) and
-            # before the engine client closes: flushes within drain_timeout_s.
-            stack.push_async_callback(shipper.close)
+            # The shipper runs in a child process: on this event loop its CPU work delayed
+            # every invocation (workers/logship_proxy.py). It starts without waiting for
+            # Kafka, and the worker serves meanwhile.
+            logs = ShipperProcess(settings)
+            await logs.start()
+            # Runs after the worker stopped (the pool drained every container's log):
+            # the child flushes within drain_timeout_s, then exits or is killed.
+            stack.push_async_callback(logs.close)
         # One keep-alive connection pool to all instances; aiohttp sets TCP_NODELAY, and
         # bodies pass through untouched (no decompression).
         session = aiohttp.ClientSession(
@@ -66,7 +61,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
             settings.worker.worker_id,
             settings.queue.prefix,
             images,
-            logs=shipper,
+            logs=logs,
         )
         worker = Worker(settings, queue, pool, runtime, redis)
         run = asyncio.create_task(worker.run(), name="worker")

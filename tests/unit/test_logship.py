@@ -631,6 +631,30 @@ async def test_start_end_report_frame_each_request(
     assert all(ts == round(r["ts"] * 1000) for _, ts, _, r in k.producer.raw())
 
 
+async def test_a_shipper_taking_over_uses_the_given_times_since_and_seqs(
+    kit: PoolKit, make_shipper: Callable[..., Kit]
+) -> None:
+    # What a restarted shipper process is told (workers/logship_proxy.py): follow from
+    # a time on, seqs from a number on, and requests timed by the worker.
+    k = make_shipper()
+    cid = await start_container(kit, logs=["before the takeover"])
+    since = time.time_ns()
+    await asyncio.sleep(0.01)
+    kit.runtime.write_log(cid, "after the takeover")
+    k.shipper.follow(cid, SOURCE, since_ns=since, seq_from=1000)
+    start_ns = time.time_ns() - 50 * MS
+    k.shipper.request_started(cid, "r1", cold=False, init_ms=None, at_ns=start_ns)
+    k.shipper.request_ended(cid, "r1", status=200, error=None, at_ns=start_ns + 7 * MS)
+    await eventually(lambda: len(of_type(k.producer.records(), "REPORT")) == 1)
+    records = k.producer.records()
+    assert [r.get("line") for r in of_type(records, "line")] == ["after the takeover"]
+    assert kit.runtime.log_reads[0] == (cid, True, since)
+    assert [r["seq"] for r in records] == list(range(1001, 1001 + len(records)))
+    start, end = of_type(records, "START", "END")
+    assert start["ts"] == pytest.approx(start_ns / 1e9)
+    assert end["duration_ms"] == pytest.approx(7.0)
+
+
 async def test_end_waits_for_the_output_written_before_it(
     kit: PoolKit, make_shipper: Callable[..., Kit]
 ) -> None:
