@@ -14,12 +14,13 @@ START/END/REPORT/GAP records are spelled out (``render``).
 
 from __future__ import annotations
 
-import base64
 import binascii
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+from shared.logrecords import line_bytes
 
 SHORT_ID = 8
 
@@ -68,13 +69,10 @@ def format_ts(ts: Any) -> str:
 def line_text(record: dict[str, Any]) -> str:
     """A line record's text for a terminal: output that was not UTF-8 (carried as
     base64) is decoded with replacement characters."""
-    text = str(record.get("line", ""))
-    if record.get("encoding") == "base64":
-        try:
-            return base64.b64decode(text, validate=True).decode("utf-8", "replace")
-        except (binascii.Error, ValueError):
-            return text
-    return text
+    try:
+        return line_bytes(record).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
+        return str(record.get("line", ""))  # not base64 after all: show it as it came
 
 
 def _request_column(record: dict[str, Any]) -> str:

@@ -13,7 +13,6 @@ import asyncio
 import http.client
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -32,12 +31,11 @@ from redis.exceptions import RedisError
 from cli.logs import render as render_log
 from cli.logs import sse_events
 from shared.errors import ImagefnError
+from shared.http import CALLER_REQUEST_ID
 from shared.logs import configure_logging
 from shared.settings import DEFAULT_ENV_FILE, Settings, load_settings, read_env_file
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
-# What the gateway accepts as a caller's request id (gateway.app.CALLER_REQUEST_ID).
-CALLER_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}\Z")
 
 
 class CliError(Exception):
@@ -126,15 +124,20 @@ def _request(
     try:
         with urllib.request.urlopen(req, timeout=args.timeout) as resp:
             return resp.status, dict(resp.headers.items()), resp.read()
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        raise CliError(_describe_error(e.code, raw), error=_error_object(raw)) from None
     except urllib.error.URLError as e:
-        raise CliError(f"cannot reach the gateway at {args.gateway}: {e.reason}") from None
+        raise _gateway_error(args, e) from None
     except TimeoutError:
         raise CliError(
             f"the gateway at {args.gateway} did not answer in {args.timeout} s"
         ) from None
+
+
+def _gateway_error(args: argparse.Namespace, e: urllib.error.URLError) -> CliError:
+    """The one-line error for a gateway that answered with an error, or not at all."""
+    if isinstance(e, urllib.error.HTTPError):
+        raw = e.read()
+        return CliError(_describe_error(e.code, raw), error=_error_object(raw))
+    return CliError(f"cannot reach the gateway at {args.gateway}: {e.reason}")
 
 
 def _error_object(raw: bytes) -> dict[str, Any] | None:
@@ -146,11 +149,8 @@ def _error_object(raw: bytes) -> dict[str, Any] | None:
 
 
 def _describe_error(status: int, raw: bytes) -> str:
-    try:
-        err = json.loads(raw)["error"]
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {status}: {raw[:500].decode('utf-8', 'replace')}"
-    if not isinstance(err, dict):
+    err = _error_object(raw)
+    if err is None:
         return f"HTTP {status}: {raw[:500].decode('utf-8', 'replace')}"
     line = f"{err.get('type', 'Error')}: {err.get('message', '')}"
     if isinstance(err.get("fields"), dict):
@@ -291,11 +291,10 @@ def _print_log_stream(
                 elif event.event == "message":
                     out.write((event.data if raw_json else render_log(doc)) + "\n")
                     out.flush()
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        raise CliError(_describe_error(e.code, raw), error=_error_object(raw)) from None
     except urllib.error.URLError as e:
-        raise CliError(f"cannot reach the gateway at {args.gateway}: {e.reason}") from None
+        raise _gateway_error(args, e) from None
+    except BrokenPipeError:
+        raise  # our reader went away (`| head`), not the gateway: cmd_logs stops quietly
     except TimeoutError:
         raise CliError(f"the gateway at {args.gateway} went silent for {timeout:g} s") from None
     except (http.client.HTTPException, ConnectionError, ValueError) as e:

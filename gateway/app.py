@@ -7,7 +7,6 @@ order, and only for what started.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -35,7 +34,7 @@ from gateway.images import ImageResolver, RegistryImageResolver, UncheckedImageR
 from gateway.routing import WarmRouter
 from gateway.tokens import REPOSITORY, Access, TokenIssuer
 from shared.errors import ImagefnError, InternalError, ServiceUnavailable
-from shared.http import REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER
+from shared.http import CALLER_REQUEST_ID, REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER
 from shared.keys import Keys
 from shared.queue.base import InvocationQueue
 from shared.queue.factory import make_queue
@@ -44,7 +43,6 @@ from shared.settings import Settings
 
 # A caller may name its own request id (to trace it end to end); anything else is
 # replaced, since the id lands in headers and log lines.
-CALLER_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}\Z")
 
 
 @web.middleware

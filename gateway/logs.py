@@ -107,6 +107,8 @@ def parse_time(name: str, raw: str, now: float) -> float:
     text = raw.strip()
     if DURATION_RE.match(text):
         ago = sum(float(n) * UNIT_S[unit] for n, unit in DURATION_PART_RE.findall(text))
+        if not ago <= now:  # also inf: a duration of thousands of digits
+            raise InvalidRequest(f"{name}: {raw!r} reaches back before 1970")
         return now - ago
     if EPOCH_RE.match(text):
         value = float(text)
@@ -152,7 +154,8 @@ def parse_params(query: Mapping[str, str], now: float) -> LogParams:
     version = query.get("version")
     if version is not None and not version.strip():
         raise InvalidRequest("version: empty; give a version number, an alias or $LATEST")
-    if version is not None and version.isdigit() and int(version) < 1:
+    # isascii: str.isdigit() also holds for digits int() refuses, such as "²".
+    if version is not None and version.isascii() and version.isdigit() and int(version) < 1:
         raise InvalidRequest(f"version: {version} is not a version number (1, 2, ...)")
     request_id = query.get("request_id")
     if request_id is not None and not REQUEST_ID_RE.match(request_id):
@@ -164,7 +167,7 @@ def parse_params(query: Mapping[str, str], now: float) -> LogParams:
     limit = DEFAULT_LIMIT
     if "limit" in query:
         raw = query["limit"]
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
             raise InvalidRequest(f"limit: {raw!r} is not a whole number from 1 to {MAX_LIMIT}")
         limit = int(raw)
     wait_report = (

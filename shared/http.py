@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 # RFC 9110 §7.6.1: connection-specific headers a proxy must not forward.
@@ -34,5 +35,7 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]
 
 
 REQUEST_ID_HEADER = "X-Request-Id"
+# A request id a caller may choose (X-Request-Id); the gateway makes its own otherwise.
+CALLER_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}\Z")
 SCF_REQUEST_ID_HEADER = "X-Scf-Request-Id"
 SCF_ERROR_TYPE_HEADER = "X-Scf-Error-Type"

@@ -95,7 +95,7 @@ def parse_reply_address(address: str) -> tuple[str, int] | None:
     """``"topic:partition"`` → (topic, partition); None if it is not one (a reply_to
     written by another backend, say)."""
     topic, sep, raw = address.rpartition(":")
-    if not sep or not topic or not raw.isdigit():
+    if not sep or not topic or not (raw.isascii() and raw.isdigit()):
         return None
     return topic, int(raw)
 
@@ -139,15 +139,24 @@ def header(headers: Sequence[tuple[str, bytes]], name: str) -> bytes | None:
 
 
 def choose_partition(
-    owners: Mapping[str, Sequence[int]], worker: str | None, rng: random.Random | None = None
+    owners: Mapping[str, Sequence[int]],
+    worker: str | None,
+    rng: random.Random | None = None,
+    live: Sequence[int] | None = None,
 ) -> int | None:
     """The invocations partition for a publish: one of ``worker``'s when it reported any;
-    otherwise one of any live worker's; None (the producer picks) when none is known."""
+    otherwise one of any live worker's (``live``: every reported partition, computed once
+    per refresh by the caller, else here); None (the producer picks) when none is known."""
     pick = (rng or random).choice
     if worker is not None and owners.get(worker):
-        return pick(list(owners[worker]))
-    live = sorted({p for parts in owners.values() for p in parts})
+        return pick(owners[worker])
+    if live is None:
+        live = live_partitions(owners)
     return pick(live) if live else None
+
+
+def live_partitions(owners: Mapping[str, Sequence[int]]) -> list[int]:
+    return sorted({p for parts in owners.values() for p in parts})
 
 
 def partitions_of(infos: Mapping[str, Mapping[str, Any]]) -> dict[str, list[int]]:
@@ -201,6 +210,7 @@ class KafkaQueue(InvocationQueue):
         self._tracker = OffsetTracker()
         # What the router last learned: worker id → its invocations partitions.
         self._owners: dict[str, list[int]] = {}
+        self._live: list[int] = []
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -284,7 +294,7 @@ class KafkaQueue(InvocationQueue):
         if self._producer is None:
             raise ServiceUnavailable("the Kafka queue is not open")
         value, headers = invocation_record(invocation)
-        partition = choose_partition(self._owners, worker)
+        partition = choose_partition(self._owners, worker, live=self._live)
         try:
             await self._producer.send_and_wait(
                 self._topics.invocations, value=value, partition=partition, headers=headers
@@ -296,6 +306,7 @@ class KafkaQueue(InvocationQueue):
 
     def learn_consumers(self, infos: Mapping[str, Mapping[str, Any]]) -> None:
         self._owners = partitions_of(infos)
+        self._live = live_partitions(self._owners)
 
     async def _before_call(self) -> None:
         if self._reader is not None:

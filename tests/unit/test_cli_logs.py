@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -222,3 +223,41 @@ async def test_invoke_refuses_a_bad_request_id(stub: Stub, run: Run) -> None:
 def test_sse_framing_used_by_the_stand_in_is_the_gateways() -> None:
     assert SSE.record(REC1) == sse_event(logrecords.dumps(REC1))
     assert SSE.end("complete") == b'event: end\ndata: {"reason":"complete"}\n\n'
+
+
+class ClosedPipe:
+    """A stdout whose reader went away (`imagefn logs fn | head`)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        pass
+
+
+async def test_a_closed_stdout_is_not_reported_as_a_broken_log_stream(stub: Stub) -> None:
+    from cli.main import CliError, _print_log_stream
+
+    args = build_parser().parse_args(["logs", "fn"])
+    args.gateway = os.environ["IMAGEFN_GATEWAY"]  # the stand-in's, set by the fixture
+    args.timeout = 10
+    with pytest.raises(BrokenPipeError):
+        await asyncio.to_thread(
+            _print_log_stream,
+            args,
+            "/v1/functions/fn/logs",
+            ClosedPipe(),  # type: ignore[arg-type]
+            follow=False,
+            raw_json=False,
+        )
+    # Whereas a gateway that is not there is the gateway's fault, in one line.
+    args.gateway = "http://127.0.0.1:9"
+    with pytest.raises(CliError, match="cannot reach the gateway"):
+        await asyncio.to_thread(
+            _print_log_stream,
+            args,
+            "/x",
+            ClosedPipe(),
+            follow=False,
+            raw_json=False,  # type: ignore[arg-type]
+        )

@@ -25,6 +25,7 @@ from shared.queue.kafka import (
     decode_result,
     header,
     invocation_record,
+    live_partitions,
     parse_receipt,
     parse_reply_address,
     partitions_of,
@@ -69,6 +70,7 @@ def test_reply_addresses_name_a_topic_and_a_partition() -> None:
     assert parse_reply_address("a.b-c:0") == ("a.b-c", 0)
     # A Redis reply stream key, or garbage, is no Kafka address.
     assert parse_reply_address("imagefn:replies:0f3a") is None
+    assert parse_reply_address("imagefn.replies:\u00b2") is None  # isdigit, but not int
     assert parse_reply_address("imagefn.replies") is None
     assert parse_reply_address(":4") is None
     assert parse_reply_address("t:-1") is None
@@ -92,6 +94,10 @@ def test_an_unrouted_publish_goes_to_a_live_workers_partition() -> None:
     assert {choose_partition(owners, None, rng) for _ in range(200)} == {0, 1, 2, 3}
     # A worker whose partitions are unknown is treated like no worker.
     assert {choose_partition(owners, "c", rng) for _ in range(200)} == {0, 1, 2, 3}
+    # The live partitions a caller computed once per refresh give the same choices.
+    live = live_partitions(owners)
+    assert live == [0, 1, 2, 3]
+    assert {choose_partition(owners, None, rng, live=live) for _ in range(200)} == {0, 1, 2, 3}
 
 
 def test_knowing_no_partitions_leaves_the_choice_to_the_producer() -> None:

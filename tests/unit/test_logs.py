@@ -150,6 +150,8 @@ def test_parse_params_all() -> None:
         ({"limit": "10001"}, "limit"),
         ({"limit": "ten"}, "limit"),
         ({"limit": "-1"}, "limit"),
+        ({"limit": "\u00b2"}, "limit"),  # a digit to str.isdigit(), not to int()
+        ({"since": "9" * 400 + "s"}, "since"),  # an infinite duration
         ({"follow": "maybe"}, "follow"),
         ({"wait_report": "1"}, "wait_report"),
         ({"wait_report": "nah", "request_id": "r1"}, "wait_report"),
