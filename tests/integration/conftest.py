@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -56,14 +57,80 @@ STARTED_WORKERS: list[str] = []
 KAFKA: dict[str, str] = {}
 
 
+# Seconds into a test (its fixtures' set-up and tear-down included) after which the
+# coroutines still waiting are printed: a hang inside the event loop shows where it
+# waits. Just under the per-test timeout (pyproject: pytest-timeout), whose own dump
+# shows only the thread stacks, and for a blocked loop where it is blocked.
+STUCK_DUMP_AFTER_S = 400.0
+
+
+def _dump_waiting_tasks(nodeid: str) -> None:
+    out = sys.stderr
+    tasks = asyncio.all_tasks()
+    print(f"\n==== {nodeid}: {len(tasks)} tasks still waiting ====", file=out)
+    for task in tasks:
+        task.print_stack(limit=12, file=out)
+    out.flush()
+    dump_engine_stacks()
+
+
+@pytest.fixture(autouse=True)
+async def dump_tasks_when_stuck(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    handle = asyncio.get_running_loop().call_later(
+        STUCK_DUMP_AFTER_S, _dump_waiting_tasks, request.node.nodeid
+    )
+    yield
+    handle.cancel()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
+def docker(
+    *args: str, check: bool = True, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    # Bounded: an engine that stops answering fails the test that asked, not the run.
+    try:
+        return subprocess.run(
+            ["docker", *args], capture_output=True, text=True, check=check, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        dump_engine_stacks()
+        raise
+
+
+ENGINE_DUMPS = Path("/var/run/docker")
+# Goroutines serving a call on one container (inspect, remove, pause, kill, stop; not
+# the log followers, one per running container and waiting by design).
+ENGINE_CALL = re.compile(
+    r"daemon\.\(\*Daemon\)\.(Container(?!Logs)[A-Z]\w*|containerPause|containerUnpause"
+    r"|Kill|killWithSignal|cleanupContainer|containerStop)[.(]"
+)
+
+
+def dump_engine_stacks() -> None:
+    """Print where the engine waits: dockerd writes its goroutine stacks on SIGUSR1; of
+    those, the ones waiting for a lock or inside a container operation (a container
+    whose lock is never released makes every later call on it hang)."""
+    before = set(ENGINE_DUMPS.glob("goroutine-stacks-*.log"))
+    if subprocess.run(["pkill", "-USR1", "-x", "dockerd"], check=False).returncode != 0:
+        return
+    deadline = time.monotonic() + 5
+    new: list[Path] = []
+    while not new and time.monotonic() < deadline:
+        time.sleep(0.1)
+        new = sorted(set(ENGINE_DUMPS.glob("goroutine-stacks-*.log")) - before)
+    if not new:
+        return
+    blocks = new[-1].read_text(errors="replace").split("\n\n")
+    chosen = [b for b in blocks if "semacquire" in b.split("\n", 1)[0] or ENGINE_CALL.search(b)]
+    print(f"\n==== dockerd: {len(chosen)} of {len(blocks)} goroutines ({new[-1]}) ====")
+    for block in chosen[:40]:
+        print("\n".join(block.splitlines()[:30]), end="\n\n")
+    sys.stdout.flush()
 
 
 def managed_containers(worker_ids: list[str] | None = None) -> list[dict[str, str]]:
@@ -271,7 +338,7 @@ async def push_image(registry: RegistryInfo, local: str, repository: str, tag: s
 
     target = f"{registry.address}/{repository}"
     docker("tag", local, f"{target}:{tag}")
-    async with aiodocker.Docker() as client:
+    async with aiodocker.Docker() as client, asyncio.timeout(300):
         async for event in client.images.push(
             target, tag=tag, auth=registry.deployer_auth(), stream=True
         ):

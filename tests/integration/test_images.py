@@ -32,7 +32,9 @@ def build_variant(tag: str, marker: str) -> None:
     """An image distinguishable by its TEST_IMAGE_VERSION, which testfn reports."""
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "Dockerfile").write_text(f"FROM {TESTFN}\nENV TEST_IMAGE_VERSION={marker}\n")
-        subprocess.run(["docker", "build", "-q", "-t", tag, d], check=True, capture_output=True)
+        subprocess.run(
+            ["docker", "build", "-q", "-t", tag, d], check=True, capture_output=True, timeout=300
+        )
 
 
 def forget_locally(*refs: str) -> None:
