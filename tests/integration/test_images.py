@@ -236,7 +236,13 @@ async def test_no_credential_in_logs_or_container_environments(
     captured = capfd.readouterr()
     texts = [captured.out, captured.err]
     texts += [p.read_text(errors="replace") for p in platform.log_dir.glob("*.log")]
-    for cid in docker("ps", "-aq", "--filter", "label=imagefn.managed=1").stdout.split():
+    # This installation's containers only: inspecting takes the engine's lock on each
+    # container, and containers of other installations on the machine (left by an
+    # earlier run, or being removed right now) are no business of this test.
+    mine = f"label=imagefn.installation={platform.prefix}"
+    cids = docker("ps", "-aq", "--filter", mine).stdout.split()
+    assert cids, "the function's instance should be among this installation's containers"
+    for cid in cids:
         info = json.loads(docker("inspect", cid, check=False).stdout or "[{}]")[0]
         texts.append(json.dumps((info.get("Config") or {}).get("Env") or []))
     secrets = [registry.settings.deploy_password, registry.settings.worker_secret]
