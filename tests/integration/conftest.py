@@ -111,6 +111,22 @@ ENGINE_CALL = re.compile(
 )
 
 
+# API handlers that wait by design (followers, event streams).
+ENGINE_LONG_LIVED = re.compile(r"ContainerLogs|SubscribeToEvents|getEvents|ContainerStats")
+
+
+def _engine_waits(block: str) -> bool:
+    header = block.split("\n", 1)[0]
+    if "semacquire" in header or ENGINE_CALL.search(block):
+        return True
+    # Any other API request stuck for minutes (a push, a pull, a build).
+    return (
+        "minutes]" in header
+        and "docker/api/server/router" in block
+        and not ENGINE_LONG_LIVED.search(block)
+    )
+
+
 def dump_engine_stacks() -> None:
     """Print where the engine waits: dockerd writes its goroutine stacks on SIGUSR1; of
     those, the ones waiting for a lock or inside a container operation (a container
@@ -126,7 +142,7 @@ def dump_engine_stacks() -> None:
     if not new:
         return
     blocks = new[-1].read_text(errors="replace").split("\n\n")
-    chosen = [b for b in blocks if "semacquire" in b.split("\n", 1)[0] or ENGINE_CALL.search(b)]
+    chosen = [b for b in blocks if _engine_waits(b)]
     print(f"\n==== dockerd: {len(chosen)} of {len(blocks)} goroutines ({new[-1]}) ====")
     for block in chosen[:40]:
         print("\n".join(block.splitlines()[:30]), end="\n\n")
@@ -338,11 +354,15 @@ async def push_image(registry: RegistryInfo, local: str, repository: str, tag: s
 
     target = f"{registry.address}/{repository}"
     docker("tag", local, f"{target}:{tag}")
-    async with aiodocker.Docker() as client, asyncio.timeout(300):
-        async for event in client.images.push(
-            target, tag=tag, auth=registry.deployer_auth(), stream=True
-        ):
-            assert "error" not in event, event
+    try:
+        async with aiodocker.Docker() as client, asyncio.timeout(300):
+            async for event in client.images.push(
+                target, tag=tag, auth=registry.deployer_auth(), stream=True
+            ):
+                assert "error" not in event, event
+    except TimeoutError:
+        dump_engine_stacks()
+        raise
 
 
 @pytest.fixture(scope="session")
