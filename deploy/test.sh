@@ -8,6 +8,16 @@ cd "$ROOT"
 
 bash deploy/setup.sh
 
+# Containers of test installations (key prefix "it-") can only be left by an earlier
+# run that was killed: no test of this run owns them, and they would hold memory.
+leftovers=$(timeout 60 docker ps -a --filter label=imagefn.managed=1 \
+  --format '{{.ID}} {{.Label "imagefn.installation"}}' | awk '$2 ~ /^it-/ {print $1}') || true
+if [[ -n "$leftovers" ]]; then
+  echo "==> removing $(wc -w <<<"$leftovers") containers left by an earlier test run"
+  # shellcheck disable=SC2086  # one id per word
+  timeout 300 docker rm -f $leftovers >/dev/null || echo "warning: some could not be removed" >&2
+fi
+
 failed=()
 run() {  # run NAME COMMAND...: on failure, NAME is listed at the end
   local name="$1"

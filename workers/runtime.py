@@ -24,6 +24,10 @@ from shared.errors import ContainerInitError, PullImageFailed, ServiceUnavailabl
 log = structlog.get_logger("imagefn.runtime")
 
 MiB = 1024 * 1024
+# Bound on the engine's read-only queries (inspect, log tail): they wait for the
+# container's lock inside the engine, which an engine operation stuck on that container
+# never releases; a caller must get an error rather than wait for good.
+ENGINE_QUERY_TIMEOUT_S = 30.0
 LABEL_MANAGED = "imagefn.managed"
 LABEL_WORKER = "imagefn.worker"
 LABEL_FUNCTION = "imagefn.function"
@@ -147,8 +151,14 @@ def _docker_message(e: DockerError) -> str:
 class DockerRuntime:
     """ContainerRuntime over the Docker Engine API."""
 
-    def __init__(self, docker: aiodocker.Docker, streams: aiodocker.Docker | None = None) -> None:
+    def __init__(
+        self,
+        docker: aiodocker.Docker,
+        streams: aiodocker.Docker | None = None,
+        query_timeout_s: float = ENGINE_QUERY_TIMEOUT_S,
+    ) -> None:
         self._docker = docker
+        self._query_timeout_s = query_timeout_s
         # Log streams hold one connection per running container for its whole life: on
         # the main client they would use up its connection pool (100) and stall every
         # other engine call, so they get a client of their own where that is possible.
@@ -195,12 +205,20 @@ class DockerRuntime:
 
     async def _inspect(self, container_id: str) -> dict[str, Any]:
         try:
-            data: dict[str, Any] = await self._docker.containers.container(container_id).show()
+            async with asyncio.timeout(self._query_timeout_s):
+                data: dict[str, Any] = await self._docker.containers.container(container_id).show()
             return data
         except DockerError as e:
             if e.status == 404:
                 return {}
             raise ServiceUnavailable(f"docker inspect failed: {_docker_message(e)}") from e
+        except TimeoutError:
+            raise ServiceUnavailable(self._no_answer("inspect", container_id[:12])) from None
+
+    def _no_answer(self, call: str, subject: str) -> str:
+        # The engine answers a query on a container only once it holds that container's
+        # lock; a container stuck in an engine operation would hang the caller for good.
+        return f"docker {call} of {subject} got no answer within {self._query_timeout_s:g} s"
 
     async def host_port(self, container_id: str) -> int:
         data = await self._inspect(container_id)
@@ -227,11 +245,12 @@ class DockerRuntime:
 
     async def logs_tail(self, container_id: str, lines: int) -> list[str]:
         try:
-            out = await self._docker.containers.container(container_id).log(
-                stdout=True, stderr=True, tail=lines
-            )
-        except DockerError:
-            return []
+            async with asyncio.timeout(self._query_timeout_s):
+                out = await self._docker.containers.container(container_id).log(
+                    stdout=True, stderr=True, tail=lines
+                )
+        except (DockerError, TimeoutError):
+            return []  # only ever an error message's context
         return [str(line).rstrip("\n") for line in out]
 
     async def stop(self, container_id: str, timeout_s: float) -> None:
@@ -315,11 +334,14 @@ class DockerRuntime:
 
     async def _image(self, image_ref: str) -> dict[str, Any] | None:
         try:
-            data: dict[str, Any] = await self._docker.images.inspect(image_ref)
+            async with asyncio.timeout(self._query_timeout_s):
+                data: dict[str, Any] = await self._docker.images.inspect(image_ref)
         except DockerError as e:
             if e.status == 404:
                 return None
             raise ServiceUnavailable(f"docker image inspect failed: {_docker_message(e)}") from e
+        except TimeoutError:
+            raise ServiceUnavailable(self._no_answer("image inspect", image_ref)) from None
         return data
 
     async def image_size(self, image_ref: str) -> int | None:
