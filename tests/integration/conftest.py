@@ -196,6 +196,7 @@ def docker_engine() -> None:
                 tag,
                 str(context),
                 check=False,
+                timeout_s=400,
             )
             if built.returncode != 0:
                 pytest.fail(f"cannot build {tag}: {built.stderr[-2000:]}")

@@ -184,7 +184,7 @@ async def registry(
     )
     repository = f"it/auth-{uuid.uuid4().hex[:8]}"
     name = f"127.0.0.1:{registry_port}/{repository}"
-    built = docker("build", "-q", "-t", f"{name}:v1", str(context), check=False)
+    built = docker("build", "-q", "-t", f"{name}:v1", str(context), check=False, timeout_s=400)
     assert built.returncode == 0, built.stderr
     image_id = built.stdout.strip()
     reg = Registry(
