@@ -229,7 +229,9 @@ async def test_binary_and_long_lines_arrive_byte_exact(
     async with LogReader(KAFKA["bootstrap"], platform.prefix) as reader:
         await reader.until(has("REPORT", rid), 60, "REPORT")
     mine = [r for r in deduped(reader.records) if r["request_id"] == rid and r["type"] == "line"]
-    binary = mine[0]
+    # stdout's first whole line; the access log line (stderr) may come before it: the
+    # engine copies the two streams separately and stamps each when it reads it.
+    binary = next(r for r in mine if r["stream"] == "stdout" and "part" not in r)
     parts = [r for r in mine if "part" in r]
     assert binary["encoding"] == "base64"
     assert logrecords.line_bytes(binary) == raw[:-1]
