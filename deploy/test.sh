@@ -13,7 +13,7 @@ bash deploy/setup.sh
 leftovers=$(timeout 60 docker ps -a --filter label=imagefn.managed=1 \
   --format '{{.ID}} {{.Label "imagefn.installation"}}' | awk '$2 ~ /^it-/ {print $1}') || true
 if [[ -n "$leftovers" ]]; then
-  echo "==> removing $(wc -w <<<"$leftovers") containers left by an earlier test run"
+  echo "==> removing containers left by an earlier test run: $(wc -w <<<"$leftovers")"
   # shellcheck disable=SC2086  # one id per word
   timeout 300 docker rm -f $leftovers >/dev/null || echo "warning: some could not be removed" >&2
 fi
