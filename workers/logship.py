@@ -99,6 +99,7 @@ import structlog
 from aiokafka.partitioner import DefaultPartitioner
 
 from shared import logrecords
+from shared.backoff import Backoff
 from shared.kafka import Topics, ensure_topics, producer
 from shared.settings import KafkaSettings, LogSettings
 from workers.runtime import ContainerRuntime
@@ -1119,18 +1120,17 @@ class LogShipper:
 
     async def _follow(self, tail: _Tail, since: int | None = None) -> None:
         cid = tail.container_id
-        backoff_s = 0.2
+        backoff = Backoff(0.2, 5.0)
         try:
             while True:
                 try:
                     await self._read(tail, follow=True, since_ns=since)
-                    backoff_s = 0.2
+                    backoff.reset()
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:
                     log.warning("log_follow_failed", container=cid[:12], error=str(e))
-                    await asyncio.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, 5.0)
+                    await backoff.sleep()
                 # The stream ends when the container stops; if it still runs, the engine
                 # dropped the stream: follow again from where this one was.
                 try:
@@ -1241,7 +1241,7 @@ class LogShipper:
     # -- sending ---------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
-        backoff_s = 0.1
+        backoff = Backoff(0.1, 2.0)
         while True:
             if not self._unsent():
                 if not self._unverified():
@@ -1260,7 +1260,7 @@ class LogShipper:
                 if self._unsent():
                     await self._send_round(self._producer)
                 await self._maybe_verify(self._producer)
-                backoff_s = 0.1
+                backoff.reset()
                 if self._kafka_down_since is not None:
                     log.info(
                         "log_kafka_back",
@@ -1275,8 +1275,7 @@ class LogShipper:
                     log.warning("log_produce_failed", error=str(e) or type(e).__name__, retry=True)
                 # A broker that lost the topic (or never had it) gets it again.
                 await self._ensure(force=False)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 2.0)
+                await backoff.sleep()
 
     def _offset_plausible(self, partition: int, result: Any, count: int) -> bool:
         """Offsets only grow: an acknowledgement at an offset below the end of what this
@@ -1334,7 +1333,7 @@ class LogShipper:
             q.acked = q.acked_bytes = 0
 
     async def _connect(self) -> ProducerLike:
-        backoff_s = 0.5
+        backoff = Backoff(0.5, 5.0)
         warned = False
         while True:
             producer = self._producer_factory()
@@ -1350,8 +1349,7 @@ class LogShipper:
                     warned = True
                 with contextlib.suppress(Exception):
                     await producer.stop()
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+                await backoff.sleep()
                 continue
             log.info("log_kafka_connected", topic=self._topic)
             await self._ensure(force=True)

@@ -44,6 +44,7 @@ from typing import Any
 
 import structlog
 
+from shared.backoff import Backoff
 from shared.settings import Settings
 from workers.logship import LogSource, MiB
 
@@ -176,7 +177,7 @@ class ShipperProcess:
         log.info("log_shipper_process_started", pid=proc.pid)
 
     async def _supervise(self) -> None:
-        backoff_s = RESTART_MIN_S
+        backoff = Backoff(RESTART_MIN_S, RESTART_MAX_S)
         while True:
             proc = self._proc
             assert proc is not None
@@ -188,16 +189,15 @@ class ShipperProcess:
                 return
             died_ns = time.time_ns()
             if time.monotonic() - started >= HEALTHY_RUN_S:
-                backoff_s = RESTART_MIN_S
+                backoff.reset()
             log.error(
                 "log_shipper_process_died",
                 returncode=rc,
-                restart_in_s=backoff_s,
+                restart_in_s=backoff.delay_s,
                 following=len(self._followed),
             )
             while True:
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, RESTART_MAX_S)
+                await backoff.sleep()
                 if self._closing:
                     return
                 try:

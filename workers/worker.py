@@ -28,6 +28,7 @@ import structlog
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
+from shared.backoff import Backoff
 from shared.errors import FunctionNotFound, ImagefnError, InternalError, VersionNotFound
 from shared.invocations import InvocationLog
 from shared.keys import Keys
@@ -157,7 +158,7 @@ class Worker:
         return self._ws.max_inflight - len(self._handlers)
 
     async def _consume_loop(self) -> None:
-        backoff_s = 0.1
+        backoff = Backoff(0.1, 5.0)
         while not self._stopping.is_set():
             # Read only what there is room for: what we read, we own until it is finished.
             while self._free_permits() <= 0 and not self._stopping.is_set():
@@ -169,11 +170,10 @@ class Worker:
                 deliveries = await self._queue.consume(
                     self.worker_id, max(1, self._free_permits()), CONSUME_BLOCK_S
                 )
-                backoff_s = 0.1
+                backoff.reset()
             except QUEUE_ERRORS as e:
                 log.warning("consume_failed", error=str(e))
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+                await backoff.sleep()
                 continue
             for d in deliveries:
                 self._dispatch(d)
@@ -357,15 +357,14 @@ class Worker:
                 await self._runtime.remove(c.id, 0)
 
     async def _watch_deaths(self) -> None:
-        backoff_s = 0.5
+        backoff = Backoff(0.5, 10.0)
         while True:
             try:
                 async for container_id in self._runtime.die_events(self.worker_id):
                     self._pool.container_died(container_id)
-                    backoff_s = 0.5
+                    backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.warning("events_stream_failed", error=str(e))
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, 10.0)
+            await backoff.sleep()

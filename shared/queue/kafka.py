@@ -65,6 +65,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.protocol.group import LeaveGroupRequest
 
 from shared import kafka
+from shared.backoff import Backoff
 from shared.errors import RequestTooLarge, ResultTooLarge, ServiceUnavailable
 from shared.messages import Invocation, InvocationResult
 from shared.queue.base import Delivery, InvocationQueue
@@ -342,15 +343,14 @@ class KafkaQueue(InvocationQueue):
             )
 
     async def _read_replies(self, c: AIOKafkaConsumer) -> None:
-        backoff_s = 0.1
+        backoff = Backoff(0.1, 2.0)
         while True:
             try:
                 batches = await c.getmany(timeout_ms=REPLY_POLL_MS)
-                backoff_s = 0.1
+                backoff.reset()
             except KafkaError as e:
                 log.warning("reply_reader_error", error=str(e))
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 2.0)
+                await backoff.sleep()
                 continue
             for records in batches.values():
                 for rec in records:

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
+from shared.backoff import Backoff
 from shared.errors import ServiceUnavailable
 from shared.keys import Keys
 from shared.liveness import forget, heartbeats
@@ -115,18 +116,17 @@ class RedisStreamsQueue(InvocationQueue):
 
     async def _read_replies(self) -> None:
         last_id: Any = "0"
-        backoff_s = 0.1
+        backoff = Backoff(0.1, 2.0)
         unread_trimmed = 0
         while not self._closed:
             try:
                 resp = await self._r.xread(
                     {self._reply_key: last_id}, count=256, block=REPLY_BLOCK_MS
                 )
-                backoff_s = 0.1
+                backoff.reset()
             except RedisError as e:
                 log.warning("reply_reader_error", error=str(e))
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 2.0)
+                await backoff.sleep()
                 continue
             for _stream, entries in _stream_entries(resp):
                 for entry_id, fields in entries:
