@@ -62,32 +62,19 @@ for i in range(0, n, 100):
 """
 
 
-class TimedProducer:
-    """The real producer, remembering when each record was acknowledged."""
+class TimedProducer(KafkaLogProducer):
+    """The worker's producer, remembering when each record was acknowledged."""
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
+    def __init__(self, producer: Any) -> None:
+        super().__init__(producer)
         # (engine time of the record in ms, acknowledgement time in ms)
         self.acks: list[tuple[int, float]] = []
 
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def stop(self) -> None:
-        await self.inner.stop()
-
-    async def partitions_for(self, topic: str) -> set[int]:
-        return set(await self.inner.partitions_for(topic))
-
-    async def topic_exists(self, topic: str) -> bool:
-        exists: bool = await self.inner.topic_exists(topic)
-        return exists
-
     def create_batch(self) -> TimedBatch:
-        return TimedBatch(self.inner.create_batch())
+        return TimedBatch(super().create_batch())
 
     async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
-        fut = await self.inner.send_batch(batch.inner, topic, partition=partition)
+        fut: Any = await super().send_batch(batch.inner, topic, partition=partition)
         stamps = batch.stamps
 
         def acked(f: asyncio.Future[Any]) -> None:
@@ -115,9 +102,7 @@ class TimedBatch:
 
 
 def make_producer(kafka: KafkaSettings, timed: list[TimedProducer]) -> ProducerLike:
-    p = TimedProducer(
-        KafkaLogProducer(producer(kafka, max_batch_size=MiB, max_request_size=2 * MiB))
-    )
+    p = TimedProducer(producer(kafka, max_batch_size=MiB, max_request_size=2 * MiB))
     timed.append(p)
     return p
 
