@@ -27,8 +27,70 @@ class Keys:
         return f"{self.prefix}:aliases:{function}"
 
     def invocation(self, request_id: str) -> str:
-        """String with a TTL: the record of one finished invocation (JSON)."""
+        """Hash with a TTL: the record of one invocation (shared/invocations.py): its
+        state, metadata and one field per attempt."""
         return f"{self.prefix}:invocation:{request_id}"
+
+    def result(self, request_id: str) -> str:
+        """String with a TTL (result_ttl_s): the result of a finished async invocation."""
+        return f"{self.prefix}:result:{request_id}"
+
+    @property
+    def delayed(self) -> str:
+        """Sorted set: invocations waiting to be retried (member "request_id:attempt",
+        score: the time they are due)."""
+        return f"{self.prefix}:delayed"
+
+    def delayed_item(self, member: str) -> str:
+        """Hash: the encoded fields (m, r, b) of one waiting retry."""
+        return f"{self.prefix}:delayed:{member}"
+
+    def dlq(self, function: str) -> str:
+        """Hash: request id → dead-letter entry (JSON) of one function."""
+        return f"{self.prefix}:dlq:{function}"
+
+    def dlq_index(self, function: str) -> str:
+        """Sorted set: request id → when it was parked (the listing order)."""
+        return f"{self.prefix}:dlq-index:{function}"
+
+    @property
+    def dlq_functions(self) -> str:
+        """Set: functions that have dead letters (for listing and purging)."""
+        return f"{self.prefix}:dlq-functions"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash: a batch's metadata, counters and state."""
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def batch_items(self, batch_id: str) -> str:
+        """List: the batch's item bodies, in item order."""
+        return f"{self.prefix}:batch:{batch_id}:items"
+
+    def batch_results(self, batch_id: str) -> str:
+        """Hash: item index → the item's result line (JSON)."""
+        return f"{self.prefix}:batch:{batch_id}:results"
+
+    @property
+    def batches(self) -> str:
+        """Sorted set: batches still being fed (id → created_at)."""
+        return f"{self.prefix}:batches"
+
+    @property
+    def destinations(self) -> str:
+        """Stream (outbox): destination records waiting to be sent."""
+        return f"{self.prefix}:destinations"
+
+    destinations_group = "dispatchers"
+
+    def destination_stats(self, function: str) -> str:
+        """Hash: delivered / failed counts and the last error of a function's
+        destinations."""
+        return f"{self.prefix}:destination-stats:{function}"
+
+    @property
+    def scheduler_lease(self) -> str:
+        """String with a TTL: the id of the scheduler allowed to act."""
+        return f"{self.prefix}:scheduler:lease"
 
     def inflight(self, function: str) -> str:
         """Sorted set: the function's invocations in flight (member: slot id, score: the

@@ -38,10 +38,47 @@ class Invocation:
     # when two callers chose the same request id.
     call_id: str = ""
     version: str = "$LATEST"
+    # -- asynchronous invocations (docs/async-design.md) ---------------------------------
+    # "sync": a caller waits on reply_to; "async": nobody waits, the worker records the
+    # outcome, retries or dead-letters it.
+    mode: str = "sync"
+    # Which asynchronous attempt this is (1 = the first run; retries count up).
+    attempt: int = 1
+    # When the event was first accepted: max_event_age_s counts from here (0: enqueued_at).
+    accepted_at: float = 0.0
+    # Platform retries so far (throttled, platform failures): they grow the backoff but
+    # do not use up max_retries.
+    throttles: int = 0
+    # The batch the invocation is an item of, and its index there ("" and -1: none).
+    batch: str = ""
+    index: int = -1
+    # Overrides of the function's async policy (a batch may set them): -1 / 0 = the spec's.
+    max_retries: int = -1
+    max_event_age_s: int = 0
+    # What the caller named ($LATEST, a version or an alias): a redrive resolves it again.
+    qualifier: str = "$LATEST"
 
     @property
     def function(self) -> str:
         return self.record.spec.name
+
+    @property
+    def is_async(self) -> bool:
+        return self.mode == "async"
+
+    @property
+    def first_accepted_at(self) -> float:
+        return self.accepted_at or self.enqueued_at
+
+    @property
+    def retry_limit(self) -> int:
+        if self.max_retries >= 0:
+            return self.max_retries
+        return self.record.spec.async_policy.max_retries
+
+    @property
+    def age_limit_s(self) -> int:
+        return self.max_event_age_s or self.record.spec.async_policy.max_event_age_s
 
     def encode(self) -> dict[str, bytes]:
         meta = {
@@ -57,6 +94,20 @@ class Invocation:
             "call_id": self.call_id,
             "version": self.version,
         }
+        if self.mode != "sync":
+            # Only asynchronous invocations carry these: the synchronous hot path keeps
+            # its metadata as small as before.
+            meta.update(
+                mode=self.mode,
+                attempt=self.attempt,
+                accepted_at=self.accepted_at,
+                throttles=self.throttles,
+                batch=self.batch,
+                index=self.index,
+                max_retries=self.max_retries,
+                max_event_age_s=self.max_event_age_s,
+                qualifier=self.qualifier,
+            )
         return {
             "m": json.dumps(meta, separators=(",", ":")).encode(),
             "r": self.record.json_bytes,
@@ -80,6 +131,15 @@ class Invocation:
             reply_to=meta["reply_to"],
             call_id=meta.get("call_id", ""),
             version=meta.get("version", "$LATEST"),
+            mode=str(meta.get("mode", "sync")),
+            attempt=int(meta.get("attempt", 1)),
+            accepted_at=float(meta.get("accepted_at", 0.0)),
+            throttles=int(meta.get("throttles", 0)),
+            batch=str(meta.get("batch", "")),
+            index=int(meta.get("index", -1)),
+            max_retries=int(meta.get("max_retries", -1)),
+            max_event_age_s=int(meta.get("max_event_age_s", 0)),
+            qualifier=str(meta.get("qualifier", "$LATEST")),
         )
 
 

@@ -156,6 +156,35 @@ class WorkerSettings:
     scf_uin: str = "0"
 
 
+@dataclass(frozen=True)
+class AsyncSettings:
+    """Asynchronous invocation, retries, dead letters, destinations and batches."""
+
+    # Bodies of asynchronous events (and of each batch item) at most this large (SCF: 128 KB).
+    max_event_bytes: int = 128 * 1024
+    # How long the result of a finished asynchronous invocation is kept.
+    result_ttl_s: int = 86400
+    # Delay before retry n (n = 1, 2, ...) of a user-code failure: base * 2^(n-1), capped.
+    retry_base_delay_s: float = 1.0
+    retry_max_delay_s: float = 300.0
+    # Throttled and platform-failed attempts: base * 2^(k-1), capped, until max_event_age_s.
+    throttle_base_delay_s: float = 0.5
+    throttle_max_delay_s: float = 60.0
+    # The scheduler's tick: due retries wait at most about this long past their time.
+    scheduler_tick_s: float = 0.1
+    # Batches: items in flight per batch unless the batch says otherwise, and the items
+    # per second the scheduler feeds into the queue for one function (so a big batch
+    # cannot flood the queue ahead of other functions' calls).
+    batch_max_concurrency: int = 32
+    batch_rate_per_function: int = 5000
+    batch_max_items: int = 1_000_000
+    # How long a finished batch (its counters and results) is kept.
+    batch_ttl_s: int = 86400
+    # Destinations: tries per record and the time one HTTP POST may take.
+    destination_attempts: int = 5
+    destination_timeout_s: float = 5.0
+
+
 # Tokens the registry accepts live at most this long (issue 3: TTL <= 15 minutes).
 MAX_TOKEN_TTL_S = 900
 # The user name workers present to the token service (their password: worker_secret).
@@ -196,6 +225,7 @@ class Settings:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     logs: LogSettings = field(default_factory=LogSettings)
+    asyncinv: AsyncSettings = field(default_factory=AsyncSettings)
     log_level: str = "info"
     # Run servers on uvloop when it is installed (it roughly halves event-loop overhead).
     uvloop: bool = True
@@ -268,6 +298,35 @@ def _kafka_settings(env: Mapping[str, str], prefix: str) -> KafkaSettings:
         commit_interval_s=_float(env, "IMAGEFN_KAFKA_COMMIT_INTERVAL_S", k.commit_interval_s),
         queue_fetch_wait_ms=_positive(
             env, "IMAGEFN_KAFKA_QUEUE_FETCH_WAIT_MS", k.queue_fetch_wait_ms
+        ),
+    )
+
+
+def _async_settings(env: Mapping[str, str]) -> AsyncSettings:
+    a = AsyncSettings()
+    return AsyncSettings(
+        max_event_bytes=_positive(env, "IMAGEFN_ASYNC_MAX_EVENT_BYTES", a.max_event_bytes),
+        result_ttl_s=_positive(env, "IMAGEFN_RESULT_TTL_S", a.result_ttl_s),
+        retry_base_delay_s=_float(env, "IMAGEFN_RETRY_BASE_DELAY_S", a.retry_base_delay_s),
+        retry_max_delay_s=_float(env, "IMAGEFN_RETRY_MAX_DELAY_S", a.retry_max_delay_s),
+        throttle_base_delay_s=_float(
+            env, "IMAGEFN_THROTTLE_BASE_DELAY_S", a.throttle_base_delay_s
+        ),
+        throttle_max_delay_s=_float(env, "IMAGEFN_THROTTLE_MAX_DELAY_S", a.throttle_max_delay_s),
+        scheduler_tick_s=_float(env, "IMAGEFN_SCHEDULER_TICK_S", a.scheduler_tick_s),
+        batch_max_concurrency=_positive(
+            env, "IMAGEFN_BATCH_MAX_CONCURRENCY", a.batch_max_concurrency
+        ),
+        batch_rate_per_function=_positive(
+            env, "IMAGEFN_BATCH_RATE_PER_FUNCTION", a.batch_rate_per_function
+        ),
+        batch_max_items=_positive(env, "IMAGEFN_BATCH_MAX_ITEMS", a.batch_max_items),
+        batch_ttl_s=_positive(env, "IMAGEFN_BATCH_TTL_S", a.batch_ttl_s),
+        destination_attempts=_positive(
+            env, "IMAGEFN_DESTINATION_ATTEMPTS", a.destination_attempts
+        ),
+        destination_timeout_s=_float(
+            env, "IMAGEFN_DESTINATION_TIMEOUT_S", a.destination_timeout_s
         ),
     )
 
@@ -375,6 +434,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             drain_timeout_s=_float(env, "IMAGEFN_LOG_DRAIN_TIMEOUT_S", lg.drain_timeout_s),
             retention_hours=_positive(env, "IMAGEFN_LOG_RETENTION_HOURS", lg.retention_hours),
         ),
+        asyncinv=_async_settings(env),
         log_level=env.get("IMAGEFN_LOG_LEVEL") or "info",
         uvloop=_bool(env, "IMAGEFN_UVLOOP", True),
     )

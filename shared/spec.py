@@ -10,6 +10,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from shared.errors import InvalidSpec
 
@@ -49,6 +50,50 @@ INTEGER_FIELDS = frozenset(
 )
 
 
+# Asynchronous invocation: retries that count against ``max_retries`` (user-code failures;
+# SCF allows 0..2, we allow up to 10) and the age after which an event is given up.
+ASYNC_RANGES: dict[str, tuple[int, int]] = {
+    "max_retries": (0, 10),
+    "max_event_age_s": (60, 21600),
+}
+KAFKA_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
+DESTINATION_EVENTS = ("on_success", "on_failure")
+
+
+@dataclass(frozen=True)
+class AsyncPolicy:
+    """What happens to an asynchronous invocation that fails (spec key ``async``)."""
+
+    max_retries: int = 2
+    max_event_age_s: int = 21600
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where the outcome record of an asynchronous invocation goes: a Kafka topic or an
+    HTTP(S) URL (POSTed as JSON). Exactly one of the two is set."""
+
+    kafka: str | None = None
+    url: str | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kafka": self.kafka} if self.kafka is not None else {"url": str(self.url)}
+
+
+@dataclass(frozen=True)
+class Destinations:
+    on_success: Destination | None = None
+    on_failure: Destination | None = None
+
+    def to_dict(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        if self.on_success is not None:
+            out["on_success"] = self.on_success.to_dict()
+        if self.on_failure is not None:
+            out["on_failure"] = self.on_failure.to_dict()
+        return out
+
+
 @dataclass(frozen=True)
 class FunctionSpec:
     name: str
@@ -66,11 +111,17 @@ class FunctionSpec:
     instance_concurrency: int = 1
     max_concurrency: int = 0
     provisioned_concurrency: int = 0
+    # Spec key "async" (a Python keyword, hence the attribute name).
+    async_policy: AsyncPolicy = field(default_factory=AsyncPolicy)
+    destinations: Destinations = field(default_factory=Destinations)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["command"] = list(self.command) if self.command is not None else None
         d["args"] = list(self.args) if self.args is not None else None
+        d.pop("async_policy")
+        d["async"] = asdict(self.async_policy)
+        d["destinations"] = self.destinations.to_dict()
         return d
 
 
@@ -124,7 +175,8 @@ class FunctionRecord:
         return self.to_json().encode()
 
 
-SPEC_FIELDS = frozenset(FunctionSpec.__dataclass_fields__)
+# The keys a spec document may have (the dataclass's, with "async" for async_policy).
+SPEC_FIELDS = frozenset(FunctionSpec.__dataclass_fields__) - {"async_policy"} | {"async"}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -188,6 +240,65 @@ def _env(value: Any, errors: dict[str, str]) -> dict[str, str]:
     return dict(value)
 
 
+def _async_policy(value: Any, errors: dict[str, str]) -> AsyncPolicy:
+    if value is None:
+        return AsyncPolicy()
+    if not isinstance(value, dict):
+        errors["async"] = "must be a mapping (max_retries, max_event_age_s)"
+        return AsyncPolicy()
+    got: dict[str, int] = {}
+    for key, raw in value.items():
+        name = f"async.{key}"
+        if key not in ASYNC_RANGES:
+            errors[name] = "unknown field"
+            continue
+        low, high = ASYNC_RANGES[key]
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or raw != int(raw):
+            errors[name] = "must be an integer"
+        elif not low <= raw <= high:
+            errors[name] = f"must be between {low} and {high}"
+        else:
+            got[key] = int(raw)
+    return AsyncPolicy(**got)
+
+
+def _destination(value: Any, name: str, errors: dict[str, str]) -> Destination | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in (
+        "kafka",
+        "url",
+    ):
+        errors[name] = 'must be {kafka: TOPIC} or {url: "http://..."}'
+        return None
+    kind, target = next(iter(value.items()))
+    if kind == "kafka":
+        if not isinstance(target, str) or not KAFKA_TOPIC_RE.match(target):
+            errors[name] = "kafka: a topic name of 1-249 characters A-Za-z0-9._-"
+            return None
+        return Destination(kafka=target)
+    parts = urlsplit(target) if isinstance(target, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        errors[name] = "url: an http:// or https:// URL with a host"
+        return None
+    return Destination(url=str(target))
+
+
+def _destinations(value: Any, errors: dict[str, str]) -> Destinations:
+    if value is None:
+        return Destinations()
+    if not isinstance(value, dict):
+        errors["destinations"] = "must be a mapping (on_success, on_failure)"
+        return Destinations()
+    for key in value:
+        if key not in DESTINATION_EVENTS:
+            errors[f"destinations.{key}"] = "unknown field (on_success, on_failure)"
+    return Destinations(
+        on_success=_destination(value.get("on_success"), "destinations.on_success", errors),
+        on_failure=_destination(value.get("on_failure"), "destinations.on_failure", errors),
+    )
+
+
 def parse_spec(data: Any) -> FunctionSpec:
     """Validate a decoded spec document; raise InvalidSpec naming every bad field."""
     if not isinstance(data, dict):
@@ -212,6 +323,8 @@ def parse_spec(data: Any) -> FunctionSpec:
     command = _str_list(data.get("command"), "command", errors)
     args = _str_list(data.get("args"), "args", errors)
     env = _env(data.get("env", {}), errors)
+    async_policy = _async_policy(data.get("async"), errors)
+    destinations = _destinations(data.get("destinations"), errors)
 
     defaults = FunctionSpec(name="x", image="x")
     numbers: dict[str, float] = {}
@@ -245,4 +358,6 @@ def parse_spec(data: Any) -> FunctionSpec:
         instance_concurrency=int(numbers["instance_concurrency"]),
         max_concurrency=int(numbers["max_concurrency"]),
         provisioned_concurrency=int(numbers["provisioned_concurrency"]),
+        async_policy=async_policy,
+        destinations=destinations,
     )

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from shared.errors import InvalidSpec
-from shared.spec import FunctionRecord, FunctionSpec, parse_spec
+from shared.spec import SPEC_FIELDS, FunctionRecord, FunctionSpec, parse_spec
 
 MINIMAL = {"name": "hello", "image": "repo/hello:1"}
 
@@ -292,7 +292,7 @@ def test_record_dict_is_flat_and_json_friendly() -> None:
     assert d["image_ref"] == "127.0.0.1:5000/hello@" + d["image_digest"]
     assert d["image_digest"] == "sha256:" + "b" * 64
     assert d["command"] == ["/bin/server"] and d["args"] == ["-p", "9000"]
-    assert set(d) == set(FunctionSpec.__dataclass_fields__) | {
+    assert set(d) == SPEC_FIELDS | {
         "image_ref",
         "image_digest",
         "version",
@@ -343,3 +343,65 @@ def test_concurrency_fields_are_checked(field: str, bad: float) -> None:
 def test_concurrency_defaults() -> None:
     spec = parse_spec({"name": "e", "image": "r/e:1"})
     assert (spec.instance_concurrency, spec.max_concurrency) == (1, 0)
+
+
+# -- asynchronous invocation policy and destinations ------------------------------------------
+
+
+def test_async_policy_and_destinations_round_trip() -> None:
+    doc = {
+        **MINIMAL,
+        "async": {"max_retries": 5, "max_event_age_s": 600},
+        "destinations": {
+            "on_success": {"kafka": "fn.done"},
+            "on_failure": {"url": "http://127.0.0.1:9999/hook"},
+        },
+    }
+    spec = parse_spec(doc)
+    assert (spec.async_policy.max_retries, spec.async_policy.max_event_age_s) == (5, 600)
+    assert spec.destinations.on_success is not None
+    assert spec.destinations.on_success.kafka == "fn.done"
+    d = spec.to_dict()
+    assert d["async"] == {"max_retries": 5, "max_event_age_s": 600}
+    assert d["destinations"] == doc["destinations"]
+    record = FunctionRecord(spec, "img@sha256:" + "0" * 64, "", 1, 1.0, 2.0)
+    assert FunctionRecord.from_json(record.to_json()) == record
+
+
+def test_async_defaults_follow_scf() -> None:
+    spec = parse_spec(dict(MINIMAL))
+    assert (spec.async_policy.max_retries, spec.async_policy.max_event_age_s) == (2, 21600)
+    assert spec.destinations.on_success is None and spec.destinations.on_failure is None
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "says"),
+    [
+        ({"max_retries": 11}, "async.max_retries", "between 0 and 10"),
+        ({"max_retries": -1}, "async.max_retries", "between 0 and 10"),
+        ({"max_retries": 1.5}, "async.max_retries", "integer"),
+        ({"max_retries": True}, "async.max_retries", "integer"),
+        ({"max_event_age_s": 59}, "async.max_event_age_s", "between 60 and 21600"),
+        ({"max_event_age_s": 21601}, "async.max_event_age_s", "between 60 and 21600"),
+        ({"retries": 1}, "async.retries", "unknown field"),
+        ([1], "async", "mapping"),
+    ],
+)
+def test_bad_async_policy_names_the_field(value: Any, field: str, says: str) -> None:
+    fields = bad_fields({**MINIMAL, "async": value})
+    assert says in fields[field]
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ({"on_success": {"kafka": "bad topic"}}, "destinations.on_success"),
+        ({"on_failure": {"url": "ftp://x/y"}}, "destinations.on_failure"),
+        ({"on_failure": {"url": "http://"}}, "destinations.on_failure"),
+        ({"on_failure": {"kafka": "a", "url": "http://x"}}, "destinations.on_failure"),
+        ({"on_error": {"kafka": "a"}}, "destinations.on_error"),
+        ("x", "destinations"),
+    ],
+)
+def test_bad_destination_names_the_field(value: Any, field: str) -> None:
+    assert field in bad_fields({**MINIMAL, "destinations": value})
