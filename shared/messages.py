@@ -49,6 +49,9 @@ class Invocation:
     # Platform retries so far (throttled, platform failures): they grow the backoff but
     # do not use up max_retries.
     throttles: int = 0
+    # User-code failures retried so far (counted against the retry limit; a redrive
+    # starts again from 0).
+    retries: int = 0
     # The batch the invocation is an item of, and its index there ("" and -1: none).
     batch: str = ""
     index: int = -1
@@ -102,6 +105,7 @@ class Invocation:
                 attempt=self.attempt,
                 accepted_at=self.accepted_at,
                 throttles=self.throttles,
+                retries=self.retries,
                 batch=self.batch,
                 index=self.index,
                 max_retries=self.max_retries,
@@ -135,6 +139,7 @@ class Invocation:
             attempt=int(meta.get("attempt", 1)),
             accepted_at=float(meta.get("accepted_at", 0.0)),
             throttles=int(meta.get("throttles", 0)),
+            retries=int(meta.get("retries", 0)),
             batch=str(meta.get("batch", "")),
             index=int(meta.get("index", -1)),
             max_retries=int(meta.get("max_retries", -1)),

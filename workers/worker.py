@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from shared.backoff import Backoff
+from shared.deadletter import DeadLetters
 from shared.errors import FunctionNotFound, ImagefnError, InternalError, VersionNotFound
 from shared.invocations import InvocationLog
 from shared.keys import Keys
@@ -38,6 +39,7 @@ from shared.queue.base import MAX_ATTEMPTS, Delivery, InvocationQueue
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
 from shared.spec import FunctionRecord
+from workers.asyncrun import AsyncRunner
 from workers.pool import ContainerPool
 from workers.runtime import LABEL_INSTALLATION, LABEL_WORKER, ContainerRuntime
 
@@ -73,7 +75,19 @@ class Worker:
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._registry = FunctionRegistry(redis, self._keys)
-        self._invocations = InvocationLog(redis, self._keys, settings.queue.invocation_ttl_s)
+        self._invocations = InvocationLog(
+            redis,
+            self._keys,
+            settings.queue.invocation_ttl_s,
+            settings.asyncinv.result_ttl_s,
+        )
+        self._async = AsyncRunner(
+            self.worker_id,
+            queue,
+            self._invocations,
+            DeadLetters(redis, self._keys),
+            settings.asyncinv,
+        )
         # The cold-start manager's last command ("name@version" → instances), echoed in
         # the heartbeat so it can tell whether this worker has it.
         self._desired: dict[str, int] = {}
@@ -193,6 +207,10 @@ class Worker:
     async def _handle(self, d: Delivery) -> None:
         inv = d.invocation
         structlog.contextvars.bind_contextvars(request_id=inv.request_id, function=inv.function)
+        if inv.is_async:
+            # Nobody waits: the runner records, retries or dead-letters, then acknowledges.
+            await self._async.run(d, self._pool.invoke, lambda: self._finish(d, None))
+            return
         if inv.deadline and time.time() > inv.deadline:
             # The caller stopped waiting; running it now would only do surprising work.
             log.warning("invocation_expired", waited_s=round(time.time() - inv.enqueued_at, 3))

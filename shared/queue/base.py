@@ -19,6 +19,16 @@ implements ``InvocationQueue`` and keeps these promises:
   workers read (Kafka: which partitions each owns), a worker's ``consumer_info()`` goes
   into its heartbeat and the gateways hand every live worker's to ``learn_consumers``.
   Routing is best effort; delivery is not.
+* ``publish_many`` is ``publish`` for several invocations at once (batches): it returns
+  only once every one of them is durably accepted; on failure some may have been.
+* Delayed delivery: ``publish_at(inv, due_at)`` keeps an invocation out of every
+  consumer's reach until ``due_at`` (epoch seconds); returns once durably kept.
+  ``release_due(now, max_count)`` (called by the one scheduler holding the lease) moves up
+  to ``max_count`` invocations due by ``now`` into the queue and returns how many. An
+  invocation kept once with one (request id, attempt) is kept once however often it is
+  published (a duplicate delivery that schedules the same retry again changes nothing).
+  Moving is at least once: a release that dies midway may deliver an invocation twice,
+  never lose it (the Redis backend moves atomically; Kafka cannot).
 * ``Delivery.attempt`` counts deliveries as far as the backend knows them (Redis counts
   exactly; Kafka can only say "may have been delivered before"); the worker answers an
   invocation past ``MAX_ATTEMPTS`` with an error instead of running it again.
@@ -32,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -109,6 +119,20 @@ class InvocationQueue(ABC):
     @abstractmethod
     async def publish(self, invocation: Invocation, worker: str | None = None) -> None:
         """Accept an invocation durably; nobody waits for its result here."""
+
+    async def publish_many(self, invocations: Sequence[Invocation]) -> None:
+        """Accept several invocations durably (backends send them in one round trip)."""
+        for inv in invocations:
+            await self.publish(inv)
+
+    @abstractmethod
+    async def publish_at(self, invocation: Invocation, due_at: float) -> None:
+        """Keep ``invocation`` durably until ``due_at`` (epoch seconds), then it is
+        delivered like a published one (released by ``release_due``)."""
+
+    @abstractmethod
+    async def release_due(self, now: float, max_count: int) -> int:
+        """Move up to ``max_count`` invocations due by ``now`` into the queue; how many."""
 
     @abstractmethod
     def reply_address(self) -> str:

@@ -69,6 +69,7 @@ from shared.backoff import Backoff
 from shared.errors import RequestTooLarge, ResultTooLarge, ServiceUnavailable
 from shared.messages import Invocation, InvocationResult
 from shared.queue.base import Delivery, InvocationQueue
+from shared.queue.delayed import DelayedSet
 from shared.queue.offsets import OffsetTracker
 from shared.settings import KafkaSettings
 
@@ -190,9 +191,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
 
 
 class KafkaQueue(InvocationQueue):
-    def __init__(self, settings: KafkaSettings) -> None:
+    def __init__(self, settings: KafkaSettings, delayed: DelayedSet | None = None) -> None:
         super().__init__()
         self._s = settings
+        # Retries wait in Redis (shared/queue/delayed.py); a queue without one (a test of
+        # the plain path) refuses publish_at.
+        self._delayed = delayed
         self._topics = kafka.Topics.of(settings)
         self._group = f"{settings.topic_prefix}.workers"
         self._producer: AIOKafkaProducer | None = None
@@ -304,6 +308,44 @@ class KafkaQueue(InvocationQueue):
             raise RequestTooLarge(f"invocation too large for the queue: {e}") from e
         except KafkaError as e:
             raise ServiceUnavailable(f"queue unavailable: {e}") from e
+
+    async def publish_many(self, invocations: Sequence[Invocation]) -> None:
+        if self._producer is None:
+            raise ServiceUnavailable("the Kafka queue is not open")
+        try:
+            # Hand every record to the producer first, then wait for all: they travel in
+            # the producer's batches instead of one round trip each.
+            sent = []
+            for inv in invocations:
+                value, headers = invocation_record(inv)
+                partition = choose_partition(self._owners, None, live=self._live)
+                sent.append(
+                    await self._producer.send(
+                        self._topics.invocations, value=value, partition=partition, headers=headers
+                    )
+                )
+            await asyncio.gather(*sent)
+        except MessageSizeTooLargeError as e:
+            raise RequestTooLarge(f"invocation too large for the queue: {e}") from e
+        except KafkaError as e:
+            raise ServiceUnavailable(f"queue unavailable: {e}") from e
+
+    def _delayed_set(self) -> DelayedSet:
+        if self._delayed is None:
+            raise ServiceUnavailable("this Kafka queue has no retry store (Redis)")
+        return self._delayed
+
+    async def publish_at(self, invocation: Invocation, due_at: float) -> None:
+        await self._delayed_set().add(invocation, due_at)
+
+    async def release_due(self, now: float, max_count: int) -> int:
+        store = self._delayed_set()
+        due = await store.due(now, max_count)
+        # Produced (acks=all) before removed: a release that dies between the two
+        # produces the same attempt again, which the worker's attempt fence drops.
+        await self.publish_many([inv for _, inv in due if inv is not None])
+        await store.remove([name for name, _ in due])
+        return len(due)
 
     def learn_consumers(self, infos: Mapping[str, Mapping[str, Any]]) -> None:
         self._owners = partitions_of(infos)

@@ -32,6 +32,8 @@ class MemoryQueue(InvocationQueue):
         super().__init__()
         self._ids = itertools.count(1)
         self.results: list[InvocationResult] = []
+        # Delayed invocations: (request id, attempt) → (due time, invocation).
+        self._delayed: dict[tuple[str, int], tuple[float, Invocation]] = {}
 
     async def open(self) -> None:
         return None
@@ -42,6 +44,23 @@ class MemoryQueue(InvocationQueue):
     async def publish(self, invocation: Invocation, worker: str | None = None) -> None:
         # One process: every consumer is "the" worker, so the target changes nothing.
         await self._new.put((str(next(self._ids)), invocation))
+
+    async def publish_at(self, invocation: Invocation, due_at: float) -> None:
+        self._delayed[(invocation.request_id, invocation.attempt)] = (due_at, invocation)
+
+    async def release_due(self, now: float, max_count: int) -> int:
+        due = sorted(
+            (item for item in self._delayed.items() if item[1][0] <= now),
+            key=lambda item: item[1][0],
+        )[:max_count]
+        for key, (_, inv) in due:
+            del self._delayed[key]
+            await self.publish(inv)
+        return len(due)
+
+    @property
+    def delayed_count(self) -> int:
+        return len(self._delayed)
 
     def reply_address(self) -> str:
         return "memory"

@@ -457,8 +457,17 @@ class FakePipeline:
     def zremrangebyscore(self, key: str, low: Any, high: Any) -> FakePipeline:
         return self._queue("zremrangebyscore", key, low, high)
 
-    def hset(self, key: str, name: str, value: Any) -> FakePipeline:
-        return self._queue("hset", key, name, value)
+    def hset(
+        self,
+        key: str,
+        name: str | None = None,
+        value: Any = None,
+        mapping: dict[str, Any] | None = None,
+    ) -> FakePipeline:
+        return self._queue("hset", key, name, value, mapping=mapping)
+
+    def expire(self, key: str, seconds: int) -> FakePipeline:
+        return self._queue("expire", key, seconds)
 
     def hdel(self, key: str, *names: str) -> FakePipeline:
         return self._queue("hdel", key, *names)
@@ -544,7 +553,12 @@ class FakeRedis:
         from shared.registry import PUBLISH_SCRIPT
 
         if script != PUBLISH_SCRIPT:
-            raise NotImplementedError("FakeRedis runs only the registry's publish script")
+            # Registering is harmless (components register their scripts when built);
+            # running one is not something this fake can do.
+            async def unknown(keys: list[str], args: list[Any]) -> int:
+                raise NotImplementedError("FakeRedis runs only the registry's publish script")
+
+            return unknown
 
         async def publish(keys: list[str], args: list[Any]) -> int:
             if self.before_execute is not None:
@@ -575,6 +589,11 @@ class FakeRedis:
         elif ex is not None:
             self.ttls_ms[key] = ex * 1000
         return True
+
+    async def expire(self, key: str, seconds: int) -> bool:
+        self._run("expire")
+        self.ttls_ms[key] = int(seconds) * 1000
+        return key in self.strings or key in self.hashes
 
     async def zadd(self, key: str, mapping: dict[str, float]) -> int:
         self._run("zadd")
@@ -624,12 +643,22 @@ class FakeRedis:
         self._run("hexists")
         return name in self.hashes.get(key, {})
 
-    async def hset(self, key: str, name: str, value: Any) -> int:
+    async def hset(
+        self,
+        key: str,
+        name: str | None = None,
+        value: Any = None,
+        mapping: dict[str, Any] | None = None,
+    ) -> int:
         self._run("hset")
         h = self.hashes.setdefault(key, {})
-        new = name not in h
-        h[name] = self._b(value)
-        return int(new)
+        items = dict(mapping or {})
+        if name is not None:
+            items[name] = value
+        new = sum(1 for k in items if k not in h)
+        for k, v in items.items():
+            h[k] = self._b(v)
+        return new
 
     async def hincrby(self, key: str, name: str, amount: int = 1) -> int:
         self._run("hincrby")

@@ -15,7 +15,7 @@ from gateway.routing import WarmRouter
 from shared.errors import ServiceUnavailable
 from shared.keys import Keys
 from shared.liveness import announce
-from shared.messages import InvocationResult
+from shared.messages import Invocation, InvocationResult
 from shared.queue.base import Delivery, InvocationQueue
 from shared.queue.factory import make_queue
 from shared.queue.kafka import (
@@ -167,6 +167,10 @@ class RecordingQueue(InvocationQueue):
 
     async def keep_alive(self, consumer: str, deliveries: list[Delivery]) -> None: ...
     async def finish(self, delivery: Delivery, result: InvocationResult | None) -> None: ...
+    async def publish_at(self, invocation: Invocation, due_at: float) -> None: ...
+
+    async def release_due(self, now: float, max_count: int) -> int:
+        return 0
 
 
 async def test_the_router_tells_the_queue_how_live_workers_read() -> None:

@@ -165,6 +165,6 @@ async def test_a_result_the_queue_could_not_take_is_retried_not_dropped() -> Non
     [result] = queue.results
     assert (result.request_id, result.status) == ("flaky", 200)
     # Then its record, after the result.
-    assert f"{INSTALLATION}:invocation:flaky" in worker._redis.strings  # type: ignore[attr-defined]
+    assert f"{INSTALLATION}:invocation:flaky" in worker._redis.hashes  # type: ignore[attr-defined]
     await kit.pool.shutdown(timeout_s=5)
     await kit.runtime.close()
