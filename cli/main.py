@@ -28,6 +28,12 @@ import yaml
 from aiodocker.exceptions import DockerError
 from redis.exceptions import RedisError
 
+# The HTTP helpers live in cli/api.py (shared with cli/asyncinv.py and cli/batch.py); the
+# names stay importable from here as before.
+from cli.api import CliError as CliError
+from cli.api import describe_error as _describe_error  # noqa: F401
+from cli.api import gateway_error as _gateway_error
+from cli.api import request as _request
 from cli.logs import render as render_log
 from cli.logs import sse_events
 from shared.errors import ImagefnError
@@ -36,13 +42,6 @@ from shared.logs import configure_logging
 from shared.settings import DEFAULT_ENV_FILE, Settings, load_settings, read_env_file
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
-
-
-class CliError(Exception):
-    def __init__(self, message: str, *, error: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        # The gateway's error object, when the failure was an error answer.
-        self.error = error
 
 
 # -- server commands ------------------------------------------------------------------------
@@ -83,9 +82,16 @@ def _loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop]
 def cmd_up(args: argparse.Namespace, settings: Settings) -> None:
     from gateway.service import serve_gateway
     from workers.coldstart import serve_coldstart
+    from workers.scheduler import serve_scheduler
     from workers.service import serve_worker
 
-    _serve(settings, serve_gateway, serve_worker, serve_coldstart)
+    _serve(settings, serve_gateway, serve_worker, serve_coldstart, serve_scheduler)
+
+
+def cmd_scheduler(args: argparse.Namespace, settings: Settings) -> None:
+    from workers.scheduler import serve_scheduler
+
+    _serve(settings, serve_scheduler)
 
 
 def cmd_coldstart(args: argparse.Namespace, settings: Settings) -> None:
@@ -107,59 +113,6 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> None:
 
 
 # -- client commands ------------------------------------------------------------------------
-
-
-def _request(
-    args: argparse.Namespace,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    content_type: str = "application/json",
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    url = args.gateway.rstrip("/") + path
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    if body is not None:
-        req.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
-            return resp.status, dict(resp.headers.items()), resp.read()
-    except urllib.error.URLError as e:
-        raise _gateway_error(args, e) from None
-    except TimeoutError:
-        raise CliError(
-            f"the gateway at {args.gateway} did not answer in {args.timeout} s"
-        ) from None
-
-
-def _gateway_error(args: argparse.Namespace, e: urllib.error.URLError) -> CliError:
-    """The one-line error for a gateway that answered with an error, or not at all."""
-    if isinstance(e, urllib.error.HTTPError):
-        raw = e.read()
-        return CliError(_describe_error(e.code, raw), error=_error_object(raw))
-    return CliError(f"cannot reach the gateway at {args.gateway}: {e.reason}")
-
-
-def _error_object(raw: bytes) -> dict[str, Any] | None:
-    try:
-        err = json.loads(raw)["error"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return err if isinstance(err, dict) else None
-
-
-def _describe_error(status: int, raw: bytes) -> str:
-    err = _error_object(raw)
-    if err is None:
-        return f"HTTP {status}: {raw[:500].decode('utf-8', 'replace')}"
-    line = f"{err.get('type', 'Error')}: {err.get('message', '')}"
-    if isinstance(err.get("fields"), dict):
-        line += "".join(f"\n  {k}: {v}" for k, v in sorted(err["fields"].items()))
-    if err.get("logs"):
-        line += "\n  last log lines:" + "".join(f"\n    {ln}" for ln in err["logs"])
-    if err.get("request_id"):
-        line += f"\n  request id: {err['request_id']}"
-    return line
 
 
 def _load_spec_file(path: str) -> dict[str, Any]:
@@ -393,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     ).set_defaults(fn=cmd_up)
     sub.add_parser("gateway", help="run a gateway in the foreground").set_defaults(fn=cmd_gateway)
     sub.add_parser("worker", help="run a worker in the foreground").set_defaults(fn=cmd_worker)
+    sub.add_parser(
+        "scheduler",
+        help="run a scheduler (retries, batch feeding, destinations) in the foreground",
+    ).set_defaults(fn=cmd_scheduler)
     sub.add_parser(
         "coldstart", help="run a cold-start manager (provisioned instances) in the foreground"
     ).set_defaults(fn=cmd_coldstart)

@@ -16,10 +16,10 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway import functions, invoke, logs, token_service
-from gateway.concurrency import ConcurrencyLimiter
+from gateway import dlq, functions, invoke, logs, token_service
 from gateway.context import (
     IMAGES,
+    INVOCATIONS,
     LIMITER,
     QUEUE,
     REDIS,
@@ -33,8 +33,10 @@ from gateway.errors import Handler, error_response, http_exception_to_error, log
 from gateway.images import ImageResolver, RegistryImageResolver, UncheckedImageResolver
 from gateway.routing import WarmRouter
 from gateway.tokens import REPOSITORY, Access, TokenIssuer
+from shared.concurrency import ConcurrencyLimiter
 from shared.errors import ImagefnError, InternalError, ServiceUnavailable
 from shared.http import CALLER_REQUEST_ID, REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER
+from shared.invocations import InvocationLog
 from shared.keys import Keys
 from shared.queue.base import InvocationQueue
 from shared.queue.factory import make_queue
@@ -104,6 +106,12 @@ def build_app(
             client, Keys(settings.queue.prefix), settings.gateway.function_cache_s
         )
         app[LIMITER] = ConcurrencyLimiter(client, Keys(settings.queue.prefix))
+        app[INVOCATIONS] = InvocationLog(
+            client,
+            Keys(settings.queue.prefix),
+            settings.queue.invocation_ttl_s,
+            settings.asyncinv.result_ttl_s,
+        )
         yield
         await client.aclose()
 
@@ -145,6 +153,7 @@ def build_app(
     logs.setup(app)
     app.router.add_routes(token_service.routes)
     app.router.add_routes(invoke.routes)
+    app.router.add_routes(dlq.routes)
     invoke.add_web_routes(app)
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:

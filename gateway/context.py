@@ -7,10 +7,11 @@ import asyncio
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from gateway.concurrency import ConcurrencyLimiter
 from gateway.images import ImageResolver
 from gateway.routing import WarmRouter
 from gateway.tokens import TokenIssuer
+from shared.concurrency import ConcurrencyLimiter
+from shared.invocations import InvocationLog
 from shared.logreader import LogReader
 from shared.queue.base import InvocationQueue
 from shared.registry import FunctionRegistry
@@ -28,6 +29,8 @@ TOKENS = web.AppKey("tokens", TokenIssuer)
 # The request id of the request being handled (set by the request_context middleware).
 REQUEST_ID = web.RequestKey("request_id", str)
 LIMITER = web.AppKey("limiter", ConcurrencyLimiter)
+# Invocation records (GET /v1/invocations/ID; async calls are accepted through it).
+INVOCATIONS = web.AppKey("invocations", InvocationLog)
 ROUTER = web.AppKey("router", WarmRouter)
 # The logs API: its reader, and the stop signals of the streams now open (set at shutdown).
 LOG_READER = web.AppKey("log_reader", LogReader)

@@ -9,11 +9,9 @@ import yaml
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway.context import IMAGES, REDIS, REGISTRY, SETTINGS
+from gateway.context import IMAGES, INVOCATIONS, REGISTRY
 from gateway.errors import log
 from shared.errors import ImagefnError, InvalidRequest, InvalidSpec, ServiceUnavailable
-from shared.invocations import InvocationLog
-from shared.keys import Keys
 from shared.spec import parse_spec
 
 routes = web.RouteTableDef()
@@ -105,10 +103,8 @@ async def delete_alias(request: web.Request) -> web.Response:
 
 @routes.get("/v1/invocations/{request_id}")
 async def get_invocation(request: web.Request) -> web.Response:
-    keys = Keys(request.app[SETTINGS].queue.prefix)
-    log_ = InvocationLog(request.app[REDIS], keys, request.app[SETTINGS].queue.invocation_ttl_s)
     try:
-        doc = await log_.get(request.match_info["request_id"])
+        doc = await request.app[INVOCATIONS].get(request.match_info["request_id"])
     except RedisError as e:
         raise ServiceUnavailable(f"invocation records unavailable: {e}") from e
     return web.json_response(doc)

@@ -5,23 +5,30 @@ pull timeout (see ``_wait_s``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
-from gateway.context import LIMITER, QUEUE, REGISTRY, REQUEST_ID, ROUTER, SETTINGS
-from shared.errors import FunctionTimeout, InvalidRequest, error_from_dict
+from gateway.context import INVOCATIONS, LIMITER, QUEUE, REGISTRY, REQUEST_ID, ROUTER, SETTINGS
+from shared.errors import FunctionTimeout, InvalidRequest, RequestTooLarge, error_from_dict
 from shared.http import REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER, strip_hop_by_hop
 from shared.messages import Invocation, InvocationResult
 from shared.registry import LATEST
 from shared.spec import FunctionRecord
 
 routes = web.RouteTableDef()
+log = structlog.get_logger("imagefn.gateway")
 
 # Names the version or alias a web invocation runs (events use ?qualifier=).
 QUALIFIER_HEADER = "X-Imagefn-Qualifier"
+# "Event": asynchronous (202 once enqueued); "RequestResponse" (the default): wait.
+# SCF spells it as the query parameter InvocationType.
+INVOCATION_TYPE_HEADER = "X-Imagefn-Invocation-Type"
+INVOCATION_TYPES = ("RequestResponse", "Event")
 WEB_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -90,7 +97,16 @@ async def invoke_event(request: web.Request) -> web.Response:
         raise InvalidRequest(
             f"{record.spec.name} is a web function; call it under /web/{record.spec.name}/"
         )
+    invocation_type = _invocation_type(request)
     body = await request.read()
+    if invocation_type == "Event":
+        limit = request.app[SETTINGS].asyncinv.max_event_bytes
+        if len(body) > limit:
+            raise RequestTooLarge(
+                f"asynchronous event is {len(body)} bytes; the limit is {limit} bytes "
+                f"({limit // 1024} KB; synchronous calls take up to "
+                f"{request.app[SETTINGS].gateway.max_body_bytes // (1024 * 1024)} MB)"
+            )
     if body.strip():
         try:
             json.loads(body)
@@ -98,6 +114,8 @@ async def invoke_event(request: web.Request) -> web.Response:
             raise InvalidRequest(f"event body is not valid JSON: {e}") from None
     else:
         body = b"{}"
+    if invocation_type == "Event":
+        return await _accept_async(request, record, qualifier, body)
     request_id: str = request[REQUEST_ID]
     wait_s = _wait_s(request, record)
     inv = Invocation(
@@ -115,6 +133,54 @@ async def invoke_event(request: web.Request) -> web.Response:
     if ctype:
         headers["Content-Type"] = ctype
     return web.Response(status=result.status, body=result.body, headers=headers)
+
+
+def _invocation_type(request: web.Request) -> str:
+    value = request.headers.get(INVOCATION_TYPE_HEADER) or request.query.get(
+        "InvocationType", "RequestResponse"
+    )
+    if value not in INVOCATION_TYPES:
+        raise InvalidRequest(
+            f"invocation type {value!r}: use Event (asynchronous) or RequestResponse"
+        )
+    return value
+
+
+async def _accept_async(
+    request: web.Request, record: FunctionRecord, qualifier: str, body: bytes
+) -> web.Response:
+    """Enqueue an asynchronous event; 202 only once it is durably in the queue."""
+    request_id: str = request[REQUEST_ID]
+    now = time.time()
+    inv = Invocation(
+        request_id=request_id,
+        record=record,
+        kind="event",
+        body=body,
+        deadline=0.0,  # nobody waits; max_event_age_s bounds it instead
+        enqueued_at=now,
+        version=_scf_version(qualifier, record),
+        mode="async",
+        accepted_at=now,
+        qualifier=qualifier,
+    )
+    answer = {"request_id": request_id, "function": inv.function, "qualifier": qualifier}
+    records = request.app[INVOCATIONS]
+    if not await records.accept(inv):
+        # The same request id again (a client retrying after a lost answer): accepted
+        # once already, so not enqueued twice.
+        return web.json_response({**answer, "state": "queued", "duplicate": True}, status=202)
+    try:
+        worker = request.app[ROUTER].route(inv.function, record.version)
+        await request.app[QUEUE].publish(inv, worker)
+    except BaseException:
+        # Not accepted: forget the record, so that the caller's retry with the same
+        # request id is enqueued rather than taken for a duplicate.
+        with contextlib.suppress(RedisError):
+            await records.forget(request_id)
+        raise
+    log.info("async_accepted", function=inv.function, version=record.version)
+    return web.json_response({**answer, "state": "queued"}, status=202)
 
 
 async def invoke_web(request: web.Request) -> web.Response:

@@ -300,6 +300,10 @@ class InvocationLog:
         )
         return bool(done)
 
+    async def forget(self, request_id: str) -> None:
+        """Drop the record of an invocation that was not accepted after all."""
+        await self._r.delete(self._keys.invocation(request_id))
+
     async def requeue(self, request_id: str) -> None:
         """A redriven invocation is ``queued`` again; its earlier attempts stay."""
         await self._requeue(

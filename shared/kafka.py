@@ -110,7 +110,16 @@ async def ensure_topics(
             },
         ),
     }
-    chosen = [wanted[w] for w in (which or tuple(wanted))]
+    await _create_missing(settings, [wanted[w] for w in (which or tuple(wanted))])
+    return topics
+
+
+async def ensure_topic(settings: KafkaSettings, name: str, partitions: int = 1) -> None:
+    """Create a user-named topic (a destination) if it does not exist."""
+    await _create_missing(settings, [NewTopic(name, partitions, settings.replication_factor)])
+
+
+async def _create_missing(settings: KafkaSettings, chosen: list[NewTopic]) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id="imagefn")
     await admin.start()
     try:
@@ -128,4 +137,3 @@ async def ensure_topics(
                     raise
     finally:
         await admin.close()
-    return topics

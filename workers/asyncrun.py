@@ -30,8 +30,9 @@ import structlog
 from redis.exceptions import RedisError
 
 from shared.backoff import Backoff
+from shared.concurrency import ConcurrencyLimiter
 from shared.deadletter import DeadLetters, entry_of
-from shared.errors import ImagefnError, InternalError
+from shared.errors import FunctionNotFound, ImagefnError, InternalError
 from shared.invocations import (
     InvocationLog,
     Outcome,
@@ -41,6 +42,7 @@ from shared.invocations import (
 )
 from shared.messages import Invocation, InvocationResult
 from shared.queue.base import MAX_ATTEMPTS, Delivery, InvocationQueue
+from shared.registry import FunctionRegistry
 from shared.retry import (
     EXPIRED,
     SUCCEEDED,
@@ -106,12 +108,20 @@ class AsyncRunner:
         invocations: InvocationLog,
         dead_letters: DeadLetters,
         settings: AsyncSettings,
+        limiter: ConcurrencyLimiter,
+        registry: FunctionRegistry,
+        slot_grace_s: float,
     ) -> None:
         self._worker = worker_id
         self._queue = queue
         self._log = invocations
         self._dlq = dead_letters
         self._delays = delays_of(settings)
+        self._limiter = limiter
+        self._registry = registry
+        # A slot lapses at its deadline even if this worker dies holding it: the
+        # function's timeouts plus this (image pull, queueing).
+        self._slot_grace_s = slot_grace_s
 
     async def run(self, d: Delivery, invoke: Invoke, ack: Callable[[], Awaitable[None]]) -> None:
         inv = d.invocation
@@ -131,13 +141,18 @@ class AsyncRunner:
             decision = GiveUp(
                 EXPIRED, f"max_event_age_s ({inv.age_limit_s} s) passed before it could run"
             )
+        elif not await self._function_exists(inv):
+            result = InvocationResult.failure(
+                inv.request_id, FunctionNotFound(f"function {inv.function} was deleted")
+            )
+            decision = GiveUp("dead-lettered", "the function was deleted before it ran")
         elif d.attempt > MAX_ATTEMPTS:
             result = InvocationResult.failure(
                 inv.request_id, InternalError(f"abandoned after {d.attempt} deliveries")
             )
             decision = GiveUp("dead-lettered", "it crashed every worker that ran it")
         else:
-            result = await invoke(inv)
+            result = await self._invoke_within_limit(inv, invoke)
             decision = decide(inv, result, time.time(), self._delays)
             ran = True
         finished = time.time()
@@ -155,6 +170,32 @@ class AsyncRunner:
             next_at=outcome.next_at,
         )
         await ack()
+
+    async def _function_exists(self, inv: Invocation) -> bool:
+        """A deleted function's accepted events are dead-lettered, not run (nor lost).
+        Answered from a short cache: one Redis read per function and second at most."""
+        try:
+            await self._retrying("resolve", lambda: self._registry.resolve(inv.function))
+        except FunctionNotFound:
+            return False
+        return True
+
+    async def _invoke_within_limit(self, inv: Invocation, invoke: Invoke) -> InvocationResult:
+        """Run it, holding one of the function's ``max_concurrency`` slots (the same slots
+        synchronous calls take at the gateway). No slot: ConcurrencyLimitExceeded, which
+        ``decide`` retries with backoff without using a retry."""
+        spec = inv.record.spec
+        if not spec.max_concurrency:
+            return await invoke(inv)
+        deadline = time.time() + spec.timeout_s + spec.init_timeout_s + self._slot_grace_s
+        try:
+            slot = await self._limiter.acquire(inv.function, spec.max_concurrency, deadline)
+        except ImagefnError as e:
+            return InvocationResult.failure(inv.request_id, e)
+        try:
+            return await invoke(inv)
+        finally:
+            await self._limiter.release(inv.function, slot)
 
     async def _outcome(
         self,

@@ -14,7 +14,6 @@ lapses within ``LEASE_TTL_MS`` so another takes over.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from typing import Any
@@ -24,6 +23,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from shared.keys import Keys
+from shared.lease import Lease
 from shared.liveness import heartbeats
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
@@ -33,13 +33,6 @@ log = structlog.get_logger("imagefn.coldstart")
 
 TICK_S = 1.0
 LEASE_TTL_MS = 5000
-# Extend the lease only if we still hold it (compare and extend, atomically).
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
 CONTROL_MAXLEN = 100
 RESEND_AFTER_S = 5.0
 # How many of the most recently deployed functions' images workers keep pulled ahead.
@@ -52,17 +45,16 @@ class ColdStartManager:
         self._keys = Keys(settings.queue.prefix)
         self._registry = FunctionRegistry(redis, self._keys)
         self.id = uuid.uuid4().hex[:12]
-        self._leader = False
+        self._lease = Lease(redis, self._keys.coldstart_lease, self.id, LEASE_TTL_MS)
         # What was last sent to each worker, and when: resent only if the worker's
         # heartbeat still disagrees a while later (it was lost, or the worker restarted).
         self._sent: dict[str, tuple[dict[str, int], float, list[str]]] = {}
-        self._renew = redis.register_script(_RENEW)
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("coldstart_started", manager=self.id)
         while not stop.is_set():
             try:
-                if await self._hold_lease():
+                if await self._lease.hold():
                     await self.reconcile()
             except RedisError as e:
                 log.warning("coldstart_tick_failed", error=str(e))
@@ -70,27 +62,8 @@ class ColdStartManager:
                 await asyncio.wait_for(stop.wait(), TICK_S)
             except TimeoutError:
                 pass
-        if self._leader:
-            # Hand over at once rather than after the lease lapses (it lapses anyway).
-            with contextlib.suppress(RedisError):
-                await self._r.eval(
-                    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-                    "return redis.call('DEL', KEYS[1]) end return 0",
-                    1,
-                    self._keys.coldstart_lease,
-                    self.id,
-                )
+        await self._lease.release()
         log.info("coldstart_stopped", manager=self.id)
-
-    async def _hold_lease(self) -> bool:
-        key = self._keys.coldstart_lease
-        got = await self._r.set(key, self.id, nx=True, px=LEASE_TTL_MS)
-        if not got:
-            got = bool(await self._renew(keys=[key], args=[self.id, LEASE_TTL_MS]))
-        if bool(got) != self._leader:
-            self._leader = bool(got)
-            log.info("coldstart_lease", manager=self.id, leader=self._leader)
-        return self._leader
 
     async def _workers(self) -> list[tuple[WorkerView, dict[str, int]]]:
         out: list[tuple[WorkerView, dict[str, int]]] = []

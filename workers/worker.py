@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from shared.backoff import Backoff
+from shared.concurrency import ConcurrencyLimiter
 from shared.deadletter import DeadLetters
 from shared.errors import FunctionNotFound, ImagefnError, InternalError, VersionNotFound
 from shared.invocations import InvocationLog
@@ -87,6 +88,9 @@ class Worker:
             self._invocations,
             DeadLetters(redis, self._keys),
             settings.asyncinv,
+            ConcurrencyLimiter(redis, self._keys),
+            FunctionRegistry(redis, self._keys, cache_ttl_s=1.0),
+            settings.registry.pull_timeout_s + settings.gateway.result_grace_s,
         )
         # The cold-start manager's last command ("name@version" → instances), echoed in
         # the heartbeat so it can tell whether this worker has it.

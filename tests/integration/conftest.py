@@ -420,7 +420,11 @@ class WorkerProcess:
 
     async def wait_ready(self, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s
-        ready = "worker_ready" if self.command == "worker" else "coldstart_started"
+        ready = {
+            "worker": "worker_ready",
+            "coldstart": "coldstart_started",
+            "scheduler": "scheduler_started",
+        }[self.command]
         while ready not in self.log_text():
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker exited early:\n{self.log_text()[-3000:]}")
@@ -465,6 +469,12 @@ class Platform:
         self.managers.append(m)
         await m.wait_ready()
         return m
+
+    async def add_scheduler(self) -> WorkerProcess:
+        s = WorkerProcess(self.env, self.log_dir, command="scheduler")
+        self.managers.append(s)
+        await s.wait_ready()
+        return s
 
     async def deploy(self, client: aiohttp.ClientSession, name: str, **spec: Any) -> dict[str, Any]:
         body = {"image": TESTFN, **spec}

@@ -41,6 +41,9 @@ An output STEP is one of:
 By default the answer is a JSON description of the process and request (pid, hostname,
 request id, headers, event, TEST_* environment, whether /tmp and / are writable).
 
+The environment variable TESTFN_FAIL_STATUS=N answers every event with status N (unless
+the event names its own), a bug that a redeploy without it fixes.
+
 The environment variable TESTFN_QUIET (any value) turns off the access log line the
 server writes to stderr for each request.
 
@@ -182,7 +185,8 @@ class Handler(BaseHTTPRequestHandler):
         if "size" in spec:
             self.send(200, b"x" * int(spec["size"]), "text/plain", headers)
             return
-        status = int(spec.get("status", 200))
+        # TESTFN_FAIL_STATUS: a deployed bug (every event fails) that a redeploy fixes.
+        status = int(spec.get("status", os.environ.get("TESTFN_FAIL_STATUS", 200)))
         body = spec["body"] if "body" in spec else describe()
         if isinstance(body, str):
             self.send(status, body.encode(), "text/plain", headers)

@@ -1,0 +1,327 @@
+"""The body of a batch submission, parsed as it streams in (docs/async-design.md).
+
+A body is a JSON array of items or NDJSON (one JSON value per line, blank lines
+skipped); ``parse_batch`` tells them apart by the first byte that is not whitespace
+(``[``: an array) unless the caller names the format (``application/x-ndjson``: NDJSON,
+so that NDJSON whose items are arrays can be sent too). It yields each item as compact
+JSON bytes while the body is still arriving, and never holds more than one item plus one
+chunk: a 100 MB batch costs the gateway the same memory as a small one.
+
+Items keep their text: only whitespace outside strings is dropped, so numbers, escapes
+and key order reach the function exactly as sent. Each item is checked with
+``json.loads`` (NaN and Infinity are refused: they are not JSON).
+
+Every error is an ``InvalidRequest`` whose details name the item (0-based, as in the
+result lines) and the line (1-based) where it happened: ``{"item": i, "line": n}``.
+
+How an array is cut into items without parsing it twice: a regex scan finds the
+structural bytes (quotes, brackets, braces, commas), skips strings whole, and counts
+nesting; a comma or the closing bracket at depth 0 ends the item, whose slice is then
+checked by ``json.loads``. Scanning bytes is safe: in UTF-8 every byte of a multi-byte
+character is >= 0x80, so none looks like a quote, bracket or comma. If every slice is
+valid JSON and they are separated by commas and closed by ``]``, the array is valid.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+from shared.errors import InvalidRequest
+
+AUTO = "auto"
+ARRAY = "array"
+NDJSON = "ndjson"
+FORMATS = (AUTO, ARRAY, NDJSON)
+
+# JSON's whitespace (RFC 8259), nothing else: other Unicode spaces are not allowed
+# between tokens.
+WS = b" \t\r\n"
+BOM = b"\xef\xbb\xbf"
+# An item's text in the body may be this many times the item limit (pretty-printed
+# arrays are indented); its compact form must fit the limit itself.
+RAW_FACTOR = 2
+
+_WS_RUN = re.compile(rb"[ \t\r\n]+")
+_SKIP_WS = re.compile(rb"[ \t\r\n]*")
+# A whole string (kept as is), or whitespace outside strings (dropped): "\1" is empty
+# when the whitespace alternative matched.
+_STRING_OR_WS = re.compile(rb'("[^"\\]*(?:\\.[^"\\]*)*")|[ \t\r\n]+', re.S)
+# The rest of a string after its opening quote, up to and including the closing quote.
+_STRING_REST = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_STRUCTURAL = re.compile(rb'["\[\]{},]')
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def compact(raw: bytes) -> bytes:
+    """``raw`` without whitespace outside strings (fast path: none to drop)."""
+    if _WS_RUN.search(raw) is None:
+        return raw
+    return _STRING_OR_WS.sub(rb"\1", raw)
+
+
+class _Items:
+    """What both formats share: counting, checking and compacting items."""
+
+    def __init__(self, max_item_bytes: int, max_items: int) -> None:
+        self.max_item_bytes = max_item_bytes
+        self.max_items = max_items
+        self.count = 0
+
+    def error(self, what: str, line: int, item: int | None = None) -> InvalidRequest:
+        index = self.count if item is None else item
+        return InvalidRequest(
+            f"batch item {index} (line {line}): {what}", details={"item": index, "line": line}
+        )
+
+    def too_large(self, line: int) -> InvalidRequest:
+        return self.error(
+            f"larger than {self.max_item_bytes} bytes (max_event_bytes, the limit of one "
+            "item as compact JSON)",
+            line,
+        )
+
+    def check_raw_size(self, size: int, line: int) -> None:
+        if size > self.max_item_bytes * RAW_FACTOR:
+            raise self.too_large(line)
+
+    def item(self, raw: bytes, line: int) -> bytes:
+        """The checked, compact item; ``line`` is where its text starts."""
+        if self.count >= self.max_items:
+            raise self.error(f"more than {self.max_items} items (batch_max_items)", line)
+        try:
+            json.loads(raw, parse_constant=_refuse_constant)
+        except json.JSONDecodeError as e:
+            raise self.error(f"not valid JSON: {e.msg}", line + e.lineno - 1) from None
+        except ValueError as e:  # not UTF-8, NaN, Infinity
+            raise self.error(f"not valid JSON: {e}", line) from None
+        out = compact(raw)
+        if len(out) > self.max_item_bytes:
+            raise self.too_large(line)
+        self.count += 1
+        return out
+
+    def empty(self, line: int) -> InvalidRequest:
+        return self.error("the batch has no items; send a JSON array or NDJSON", line)
+
+
+class NdjsonParser:
+    """One JSON value per line; blank lines are skipped."""
+
+    def __init__(self, max_item_bytes: int, max_items: int, first_line: int = 1) -> None:
+        self._items = _Items(max_item_bytes, max_items)
+        self._rest = b""
+        # The line that ``_rest`` starts on.
+        self._line = first_line
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._rest + data if self._rest else data
+        lines = buf.split(b"\n")
+        self._rest = lines.pop()
+        out = [item for item in map(self._line_item, lines) if item is not None]
+        # The unfinished line is refused as soon as it is too long, not at its end.
+        self._items.check_raw_size(len(self._rest), self._line)
+        return out
+
+    def _line_item(self, text: bytes) -> bytes | None:
+        line = self._line
+        self._line += 1
+        text = text.strip(WS)
+        if not text:
+            return None
+        self._items.check_raw_size(len(text), line)
+        return self._items.item(text, line)
+
+    def end(self) -> list[bytes]:
+        last = self._line_item(self._rest)
+        self._rest = b""
+        if self._items.count == 0:
+            raise self._items.empty(self._line - 1)
+        return [last] if last is not None else []
+
+
+# States of the array parser.
+_OPEN, _BEFORE_ITEM, _IN_ITEM, _AFTER_ITEM, _CLOSED = range(5)
+
+
+class ArrayParser:
+    """A JSON array of items, cut into items as it arrives (see the module text)."""
+
+    def __init__(self, max_item_bytes: int, max_items: int, first_line: int = 1) -> None:
+        self._items = _Items(max_item_bytes, max_items)
+        self._buf = b""
+        self._pos = 0  # where scanning continues
+        self._state = _OPEN
+        self._item_start = 0
+        self._depth = 0
+        self._after_comma = False
+        # Line numbers: ``_line`` is the line of byte ``_line_pos`` of the buffer.
+        self._line = first_line
+        self._line_pos = 0
+
+    def _line_at(self, pos: int) -> int:
+        self._line += self._buf.count(b"\n", self._line_pos, pos)
+        self._line_pos = pos
+        return self._line
+
+    def feed(self, data: bytes) -> list[bytes]:
+        # Drop what is consumed: everything before the item being scanned.
+        keep = self._item_start if self._state == _IN_ITEM else self._pos
+        self._line_at(keep)
+        self._buf = self._buf[keep:] + data
+        self._pos -= keep
+        self._item_start -= keep
+        self._line_pos = 0
+        out: list[bytes] = []
+        while self._step(out):
+            pass
+        return out
+
+    def _skip_ws(self) -> bool:
+        """Skip whitespace; False when the buffer ends first."""
+        m = _SKIP_WS.match(self._buf, self._pos)
+        self._pos = m.end() if m else self._pos
+        return self._pos < len(self._buf)
+
+    def _step(self, out: list[bytes]) -> bool:
+        """One step of the state machine; False when it needs more data."""
+        buf = self._buf
+        if self._state == _IN_ITEM:
+            return self._scan_item(out)
+        if not self._skip_ws():
+            return False
+        c = buf[self._pos : self._pos + 1]
+        line = self._line_at(self._pos)
+        if self._state == _OPEN:
+            if c != b"[":
+                raise self._items.error("a JSON array must start with '['", line)
+            self._pos += 1
+            self._state = _BEFORE_ITEM
+        elif self._state == _BEFORE_ITEM:
+            if c == b"]":
+                if self._after_comma:
+                    raise self._items.error("expected an item after ','", line)
+                raise self._items.empty(line)
+            if c == b",":
+                raise self._items.error("expected an item, found ','", line)
+            self._state, self._item_start, self._depth = _IN_ITEM, self._pos, 0
+        elif self._state == _AFTER_ITEM:
+            if c == b",":
+                self._state, self._after_comma = _BEFORE_ITEM, True
+            elif c == b"]":
+                self._state = _CLOSED
+            else:
+                raise self._items.error(f"expected ',' or ']', found {c.decode('latin-1')!r}", line)
+            self._pos += 1
+        else:  # _CLOSED
+            raise self._items.error(
+                f"unexpected {buf[self._pos : self._pos + 20].decode('utf-8', 'replace')!r} "
+                "after the array's closing ']'",
+                line,
+            )
+        return True
+
+    def _scan_item(self, out: list[bytes]) -> bool:
+        buf, start = self._buf, self._item_start
+        while True:
+            m = _STRUCTURAL.search(buf, self._pos)
+            if m is None:
+                self._pos = len(buf)
+                self._check_size(len(buf) - start)
+                return False
+            p = m.start()
+            c = buf[p]
+            if c == 0x22:  # '"': skip the whole string
+                s = _STRING_REST.match(buf, p + 1)
+                if s is None:
+                    self._pos = p  # the string goes on in the next chunk
+                    self._check_size(len(buf) - start)
+                    return False
+                self._pos = s.end()
+            elif c in b"[{":
+                self._depth += 1
+                self._pos = p + 1
+            elif c in b"]}" and self._depth > 0:
+                self._depth -= 1
+                self._pos = p + 1
+            elif c == 0x2C and self._depth > 0:  # ',' inside the item
+                self._pos = p + 1
+            else:  # ',' or ']' at depth 0 ends the item ('}' too: then AFTER_ITEM refuses it)
+                self._check_size(p - start)
+                text = buf[start:p].rstrip(WS)
+                out.append(self._items.item(text, self._line_at(start)))
+                self._pos = p
+                self._state = _AFTER_ITEM
+                return True
+
+    def _check_size(self, size: int) -> None:
+        if size > self._items.max_item_bytes * RAW_FACTOR:
+            raise self._items.too_large(self._line_at(self._item_start))
+
+    def end(self) -> list[bytes]:
+        if self._state == _CLOSED:
+            return []
+        line = self._line_at(len(self._buf))
+        if self._state == _IN_ITEM:
+            # The last item never ended: say what is wrong with it if it is broken.
+            text = self._buf[self._item_start :].rstrip(WS)
+            self._items.item(text, self._line_at(self._item_start))
+        raise self._items.error("the body ends before the array's closing ']'", line)
+
+
+Parser = NdjsonParser | ArrayParser
+
+
+def make_parser(fmt: str, first: int, max_item_bytes: int, max_items: int, line: int) -> Parser:
+    """The parser for ``fmt``; under AUTO, ``first`` (the first byte that is not
+    whitespace) decides."""
+    if fmt == ARRAY or (fmt == AUTO and first == 0x5B):
+        return ArrayParser(max_item_bytes, max_items, line)
+    return NdjsonParser(max_item_bytes, max_items, line)
+
+
+async def parse_batch(
+    chunks: AsyncIterable[bytes],
+    *,
+    max_item_bytes: int,
+    max_items: int,
+    fmt: str = AUTO,
+) -> AsyncIterator[bytes]:
+    """Yield each item of the streamed body as compact JSON bytes, in order."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown batch format {fmt!r}")
+    parser: Parser | None = None
+    head = b""  # bytes read before the format is known
+    line = 1  # lines of whitespace dropped before that
+    async for chunk in chunks:
+        if parser is not None:
+            for item in parser.feed(chunk):
+                yield item
+            continue
+        head += chunk
+        if len(head) < len(BOM) and BOM.startswith(head):
+            continue  # maybe a byte order mark, split over chunks
+        head = head.removeprefix(BOM) if line == 1 else head
+        body = head.lstrip(WS)
+        if not body:
+            # Only whitespace so far: remember its lines, keep nothing.
+            line += head.count(b"\n")
+            head = b""
+            continue
+        line += head.count(b"\n", 0, len(head) - len(body))
+        parser = make_parser(fmt, body[0], max_item_bytes, max_items, line)
+        head = b""
+        for item in parser.feed(body):
+            yield item
+    if parser is None:
+        # Nothing but whitespace (or nothing at all).
+        parser = make_parser(fmt, 0, max_item_bytes, max_items, line)
+        for item in parser.feed(head.removeprefix(BOM).lstrip(WS)):
+            yield item
+    for item in parser.end():
+        yield item
