@@ -67,6 +67,12 @@ class InvocationNotFound(ImagefnError):
     http_status = 404
 
 
+class BatchNotFound(ImagefnError):
+    """No batch with that id (unknown, or finished longer ago than its retention)."""
+
+    http_status = 404
+
+
 class VersionNotFound(ImagefnError):
     """The function exists, but not the version or alias an invocation named."""
 
@@ -164,6 +170,11 @@ class ServiceUnavailable(ImagefnError):
     """A platform dependency (Redis, the Docker engine, any worker) cannot serve now."""
 
     http_status = 503
+
+
+class QueueUnavailable(ServiceUnavailable):
+    """The invocation queue (Redis Streams or Kafka) cannot be reached now. Every queue
+    backend raises this, never its client's own exceptions."""
 
 
 class InternalError(ImagefnError):

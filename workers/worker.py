@@ -18,24 +18,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from shared.backoff import Backoff
 from shared.concurrency import ConcurrencyLimiter
 from shared.deadletter import DeadLetters
-from shared.errors import FunctionNotFound, ImagefnError, InternalError, VersionNotFound
+from shared.errors import (
+    FunctionNotFound,
+    ImagefnError,
+    InternalError,
+    ServiceUnavailable,
+    VersionNotFound,
+)
 from shared.invocations import InvocationLog
 from shared.keys import Keys
 from shared.liveness import announce
-from shared.messages import InvocationResult
+from shared.messages import ControlCommand, Heartbeat, InvocationResult, MalformedMessage
 from shared.queue.base import MAX_ATTEMPTS, Delivery, InvocationQueue
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
@@ -46,8 +50,9 @@ from workers.runtime import LABEL_INSTALLATION, LABEL_WORKER, ContainerRuntime
 
 log = structlog.get_logger("imagefn.worker")
 
-# What a queue backend raises when it cannot be reached for now: retried with backoff.
-QUEUE_ERRORS = (RedisError, KafkaError, OSError)
+# What a queue backend raises when it cannot be reached for now (QueueUnavailable, a
+# ServiceUnavailable; never its client's exceptions): retried with backoff.
+QUEUE_ERRORS = (ServiceUnavailable,)
 
 CONSUME_BLOCK_S = 1.0
 
@@ -290,22 +295,20 @@ class Worker:
         draining = self._stopping.is_set()
         if not draining:
             self._pool.reconcile_provisioned()
-        inventory = {
-            "worker": self.worker_id,
-            "ts": time.time(),
-            "draining": draining,
-            "memory_capacity_mb": self._ws.memory_capacity_mb,
-            "memory_used_mb": self._pool.memory_used_mb(),
-            "functions": {} if draining else self._pool.inventory(),
-            "desired": self._desired,
-            # How this worker reads the queue (Kafka: its partitions), for routing.
-            "queue": self._queue.consumer_info(),
-        }
+        beat = Heartbeat(
+            worker=self.worker_id,
+            functions={} if draining else self._pool.inventory(),
+            draining=draining,
+            memory_capacity_mb=self._ws.memory_capacity_mb,
+            memory_used_mb=self._pool.memory_used_mb(),
+            desired=self._desired,
+            queue=self._queue.consumer_info(),
+        )
         await announce(
             self._redis,
             self._keys,
             self.worker_id,
-            json.dumps(inventory, separators=(",", ":")),
+            beat.encode(),
             int(self._ws.heartbeat_ttl_s * 1000),
         )
 
@@ -335,10 +338,11 @@ class Worker:
 
     async def _apply_control(self, fields: Any) -> None:
         try:
-            desired = {str(k): int(v) for k, v in json.loads(fields[b"targets"]).items()}
-        except (KeyError, ValueError, TypeError) as e:
+            command = ControlCommand.decode(fields)
+        except MalformedMessage as e:
             log.error("control_undecodable", error=str(e))
             return
+        desired = command.targets
         targets: dict[tuple[str, int], tuple[FunctionRecord, int]] = {}
         for key, count in desired.items():
             name, _, version = key.rpartition("@")
@@ -356,11 +360,7 @@ class Worker:
         self._desired = desired
         log.info("provisioning_targets", targets=desired)
         self._pool.set_provisioned(targets)
-        try:
-            images = [str(ref) for ref in json.loads(fields.get(b"images", b"[]"))]
-        except (ValueError, TypeError):
-            images = []
-        self._pool.prepull(images)
+        self._pool.prepull(command.images)
 
     async def _remove_orphans(self, include_own: bool = False) -> None:
         """Remove containers of workers that no longer exist (their heartbeat is gone)."""

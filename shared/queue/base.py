@@ -34,22 +34,49 @@ implements ``InvocationQueue`` and keeps these promises:
   invocation past ``MAX_ATTEMPTS`` with an error instead of running it again.
 
 Callers never see backend types: only ``Invocation``, ``InvocationResult`` and
-``Delivery``.
+``Delivery``; and every failure to reach the backend is ``QueueUnavailable`` (a
+``ServiceUnavailable``), never the client library's exception
+(``raising_queue_unavailable``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+from shared.errors import QueueUnavailable
 from shared.messages import Invocation, InvocationResult
 
 # An invocation handed out this many times has crashed workers repeatedly; stop retrying.
 MAX_ATTEMPTS = 5
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def raising_queue_unavailable(
+    *client_errors: type[BaseException],
+) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Callable[P, Coroutine[Any, Any, R]]]:
+    """Decorates a backend method so that its client's errors (``client_errors``) leave
+    it as ``QueueUnavailable``, naming the cause."""
+
+    def wrap(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+        @functools.wraps(fn)
+        async def inner(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(*args, **kwargs)
+            except client_errors as e:
+                raise QueueUnavailable(f"queue unavailable: {e or type(e).__name__}") from e
+
+        return inner
+
+    return wrap
 
 
 @dataclass(frozen=True)

@@ -66,14 +66,16 @@ from aiokafka.protocol.group import LeaveGroupRequest
 
 from shared import kafka
 from shared.backoff import Backoff
-from shared.errors import RequestTooLarge, ResultTooLarge, ServiceUnavailable
+from shared.errors import QueueUnavailable, RequestTooLarge, ResultTooLarge, ServiceUnavailable
 from shared.messages import Invocation, InvocationResult
-from shared.queue.base import Delivery, InvocationQueue
+from shared.queue.base import Delivery, InvocationQueue, raising_queue_unavailable
 from shared.queue.delayed import DelayedSet
 from shared.queue.offsets import OffsetTracker
 from shared.settings import KafkaSettings
 
 log = structlog.get_logger("imagefn.queue")
+# The client's errors leave every public method as QueueUnavailable.
+_client_errors = raising_queue_unavailable(KafkaError, OSError)
 
 # How long a gateway's reply reader waits in one fetch when nothing arrives (a result
 # ends the wait at once).
@@ -220,6 +222,7 @@ class KafkaQueue(InvocationQueue):
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    @_client_errors
     async def open(self) -> None:
         producer = kafka.producer(self._s, max_request_size=kafka.MAX_RECORD_BYTES)
         try:
@@ -229,7 +232,7 @@ class KafkaQueue(InvocationQueue):
         except KafkaError as e:
             with contextlib.suppress(KafkaError):
                 await producer.stop()
-            raise ServiceUnavailable(f"Kafka unavailable: {e}") from e
+            raise QueueUnavailable(f"Kafka unavailable: {e}") from e
         if not parts:
             await producer.stop()
             raise ServiceUnavailable(f"topic {self._topics.replies} has no partitions")
@@ -292,12 +295,13 @@ class KafkaQueue(InvocationQueue):
 
     def reply_address(self) -> str:
         if self._reply_partition is None:
-            raise ServiceUnavailable("the Kafka queue is not open")
+            raise QueueUnavailable("the Kafka queue is not open")
         return reply_address(self._topics.replies, self._reply_partition)
 
+    @_client_errors
     async def publish(self, invocation: Invocation, worker: str | None = None) -> None:
         if self._producer is None:
-            raise ServiceUnavailable("the Kafka queue is not open")
+            raise QueueUnavailable("the Kafka queue is not open")
         value, headers = invocation_record(invocation)
         partition = choose_partition(self._owners, worker, live=self._live)
         try:
@@ -307,11 +311,12 @@ class KafkaQueue(InvocationQueue):
         except MessageSizeTooLargeError as e:
             raise RequestTooLarge(f"invocation too large for the queue: {e}") from e
         except KafkaError as e:
-            raise ServiceUnavailable(f"queue unavailable: {e}") from e
+            raise QueueUnavailable(f"queue unavailable: {e}") from e
 
+    @_client_errors
     async def publish_many(self, invocations: Sequence[Invocation]) -> None:
         if self._producer is None:
-            raise ServiceUnavailable("the Kafka queue is not open")
+            raise QueueUnavailable("the Kafka queue is not open")
         try:
             # Hand every record to the producer first, then wait for all: they travel in
             # the producer's batches instead of one round trip each.
@@ -328,16 +333,18 @@ class KafkaQueue(InvocationQueue):
         except MessageSizeTooLargeError as e:
             raise RequestTooLarge(f"invocation too large for the queue: {e}") from e
         except KafkaError as e:
-            raise ServiceUnavailable(f"queue unavailable: {e}") from e
+            raise QueueUnavailable(f"queue unavailable: {e}") from e
 
     def _delayed_set(self) -> DelayedSet:
         if self._delayed is None:
             raise ServiceUnavailable("this Kafka queue has no retry store (Redis)")
         return self._delayed
 
+    @_client_errors
     async def publish_at(self, invocation: Invocation, due_at: float) -> None:
         await self._delayed_set().add(invocation, due_at)
 
+    @_client_errors
     async def release_due(self, now: float, max_count: int) -> int:
         store = self._delayed_set()
         due = await store.due(now, max_count)
@@ -358,7 +365,7 @@ class KafkaQueue(InvocationQueue):
             if self._reader is not None or self._closed:
                 return
             if self._reply_partition is None:
-                raise ServiceUnavailable("the Kafka queue is not open")
+                raise QueueUnavailable("the Kafka queue is not open")
             tp = TopicPartition(self._topics.replies, self._reply_partition)
             c = kafka.consumer(
                 self._s,
@@ -376,7 +383,7 @@ class KafkaQueue(InvocationQueue):
             except KafkaError as e:
                 with contextlib.suppress(KafkaError):
                     await c.stop()
-                raise ServiceUnavailable(f"Kafka unavailable: {e}") from e
+                raise QueueUnavailable(f"Kafka unavailable: {e}") from e
             self._reply_consumer = c
             # A fresh context: the reader outlives the request that happened to start it,
             # and its log lines must not carry that request's id.
@@ -414,7 +421,7 @@ class KafkaQueue(InvocationQueue):
             if self._member is not None:
                 return self._member
             if self._closed:
-                raise ServiceUnavailable("the Kafka queue is closed")
+                raise QueueUnavailable("the Kafka queue is closed")
             c = kafka.consumer(
                 self._s,
                 group_id=self._group,
@@ -444,6 +451,7 @@ class KafkaQueue(InvocationQueue):
             log.info("queue_group_joined", group=self._group, consumer=consumer)
             return c
 
+    @_client_errors
     async def consume(self, consumer: str, max_count: int, block_s: float) -> list[Delivery]:
         c = await self._group_member(consumer)
         batches = await c.getmany(timeout_ms=max(1, int(block_s * 1000)), max_records=max_count)
@@ -470,15 +478,18 @@ class KafkaQueue(InvocationQueue):
                 out.append(Delivery(inv, receipt(tp.partition, rec.offset), attempt))
         return out
 
+    @_client_errors
     async def reclaim(self, consumer: str, max_count: int) -> list[Delivery]:
         # Nothing to take over by hand: a dead worker's partitions move to the living when
         # the group rebalances, and consume delivers its unfinished invocations again.
         return []
 
+    @_client_errors
     async def keep_alive(self, consumer: str, deliveries: list[Delivery]) -> None:
         # The group heartbeats (in the client's background task) are the claim.
         return None
 
+    @_client_errors
     async def finish(self, delivery: Delivery, result: InvocationResult | None) -> None:
         partition, offset = parse_receipt(delivery.receipt)
         reply_to = delivery.invocation.reply_to
@@ -496,7 +507,7 @@ class KafkaQueue(InvocationQueue):
         self, address: tuple[str, int], result: InvocationResult, call_id: str
     ) -> None:
         if self._producer is None:
-            raise ServiceUnavailable("the Kafka queue is not open")
+            raise QueueUnavailable("the Kafka queue is not open")
         topic, partition = address
         value, headers = result_record(result, call_id)
         try:

@@ -26,15 +26,17 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from shared.backoff import Backoff
-from shared.errors import ServiceUnavailable
+from shared.errors import QueueUnavailable
 from shared.keys import Keys
 from shared.liveness import forget, heartbeats
 from shared.messages import Invocation, InvocationResult
-from shared.queue.base import Delivery, InvocationQueue
+from shared.queue.base import Delivery, InvocationQueue, raising_queue_unavailable
 from shared.queue.delayed import DelayedSet
 from shared.settings import QueueSettings
 
 log = structlog.get_logger("imagefn.queue")
+# The client's errors leave every public method as QueueUnavailable.
+_client_errors = raising_queue_unavailable(RedisError, OSError)
 
 # Results kept per reply stream at most. A live gateway trims what it read; this bounds
 # what a dead one leaves behind until the key expires (reply_ttl_s after the last write).
@@ -74,6 +76,7 @@ class RedisStreamsQueue(InvocationQueue):
         self._reclaim_cursors: dict[str, str] = {}
         self._delayed = DelayedSet(client, self._keys)
 
+    @_client_errors
     async def open(self) -> None:
         await self._ensure_group(self._keys.invocations)
 
@@ -99,13 +102,15 @@ class RedisStreamsQueue(InvocationQueue):
 
     # -- producer side -------------------------------------------------------------------
 
+    @_client_errors
     async def publish(self, invocation: Invocation, worker: str | None = None) -> None:
         stream = self._keys.worker_invocations(worker) if worker else self._keys.invocations
         try:
             await self._r.xadd(stream, invocation.encode())  # type: ignore[arg-type]
         except RedisError as e:
-            raise ServiceUnavailable(f"queue unavailable: {e}") from e
+            raise QueueUnavailable(f"queue unavailable: {e}") from e
 
+    @_client_errors
     async def publish_many(self, invocations: Sequence[Invocation]) -> None:
         # One round trip for the lot (batches feed hundreds at a time).
         try:
@@ -114,11 +119,13 @@ class RedisStreamsQueue(InvocationQueue):
                     pipe.xadd(self._keys.invocations, inv.encode())  # type: ignore[arg-type]
                 await pipe.execute()
         except RedisError as e:
-            raise ServiceUnavailable(f"queue unavailable: {e}") from e
+            raise QueueUnavailable(f"queue unavailable: {e}") from e
 
+    @_client_errors
     async def publish_at(self, invocation: Invocation, due_at: float) -> None:
         await self._delayed.add(invocation, due_at)
 
+    @_client_errors
     async def release_due(self, now: float, max_count: int) -> int:
         await self._ensure_group(self._keys.invocations)
         return await self._delayed.move_to_stream(self._keys.invocations, now, max_count)
@@ -180,6 +187,7 @@ class RedisStreamsQueue(InvocationQueue):
         stream, _, entry_id = receipt.rpartition(" ")
         return stream, entry_id
 
+    @_client_errors
     async def consume(self, consumer: str, max_count: int, block_s: float) -> list[Delivery]:
         own = self._keys.worker_invocations(consumer)
         # Its own stream first: work routed here because this worker holds warm instances.
@@ -233,6 +241,7 @@ class RedisStreamsQueue(InvocationQueue):
             await self._ack(receipt)
             return None
 
+    @_client_errors
     async def reclaim(self, consumer: str, max_count: int) -> list[Delivery]:
         """Claims idle past ``reclaim_idle_ms`` on the shared and own streams, and the
         whole stream of any worker whose heartbeat is gone (adopted, then deleted)."""
@@ -307,6 +316,7 @@ class RedisStreamsQueue(InvocationQueue):
         )
         return int(pending[0]["times_delivered"]) if pending else 1
 
+    @_client_errors
     async def keep_alive(self, consumer: str, deliveries: list[Delivery]) -> None:
         by_stream: dict[str, list[str]] = {}
         for d in deliveries:
@@ -322,6 +332,7 @@ class RedisStreamsQueue(InvocationQueue):
                 justid=True,
             )
 
+    @_client_errors
     async def finish(self, delivery: Delivery, result: InvocationResult | None) -> None:
         reply_to = delivery.invocation.reply_to
         stream, entry_id = self._split(delivery.receipt)

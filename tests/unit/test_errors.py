@@ -16,6 +16,7 @@ EXPECTED: list[tuple[type[ImagefnError], int | None, int]] = [
     (E.FunctionNotFound, None, 404),
     (E.VersionNotFound, None, 404),
     (E.InvocationNotFound, None, 404),
+    (E.BatchNotFound, None, 404),
     (E.RequestTooLarge, 406, 413),
     (E.ResourceLimitReached, 429, 429),
     (E.ConcurrencyLimitExceeded, 432, 429),
@@ -32,6 +33,7 @@ EXPECTED: list[tuple[type[ImagefnError], int | None, int]] = [
     (E.InitContainerTimeout, 450, 504),
     (E.RequestCanceled, 499, 499),
     (E.ServiceUnavailable, None, 503),
+    (E.QueueUnavailable, None, 503),
     (E.InternalError, None, 500),
 ]
 

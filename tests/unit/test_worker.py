@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaConnectionError
 
+from shared.errors import QueueUnavailable
 from shared.messages import InvocationResult
 from shared.queue.base import MAX_ATTEMPTS, Delivery
 from shared.queue.memory import MemoryQueue
@@ -153,7 +153,7 @@ async def test_a_result_the_queue_could_not_take_is_retried_not_dropped() -> Non
         async def finish(self, delivery: Delivery, result: InvocationResult | None) -> None:
             if self.failures:
                 self.failures -= 1
-                raise KafkaConnectionError("broker away")
+                raise QueueUnavailable("queue unavailable: broker away")
             await super().finish(delivery, result)
 
     kit = PoolKit(FAST_WORKER)
