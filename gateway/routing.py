@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +24,7 @@ from redis.exceptions import RedisError
 
 from shared.keys import Keys
 from shared.liveness import heartbeats
+from shared.messages import Heartbeat, MalformedMessage
 from shared.queue.base import InvocationQueue
 
 log = structlog.get_logger("imagefn.routing")
@@ -101,18 +101,14 @@ class WarmRouter:
             if raw is None:
                 continue
             try:
-                inv: dict[str, Any] = json.loads(raw)
-                worker = str(inv["worker"])
-                inventories[worker] = {
-                    str(k): {str(f): int(n) for f, n in v.items()}
-                    for k, v in inv["functions"].items()
-                }
-            except (ValueError, KeyError, TypeError, AttributeError):
+                beat = Heartbeat.decode(raw)
+            except MalformedMessage:
                 continue
-            queue_info = inv.get("queue")
+            # Copies: route() counts taken instances down in place until the next refresh.
+            inventories[beat.worker] = {k: dict(v) for k, v in beat.functions.items()}
             # A draining worker reads nothing new: nothing should be sent its way.
-            if isinstance(queue_info, dict) and not inv.get("draining"):
-                consumers[worker] = queue_info
+            if beat.queue is not None and not beat.draining:
+                consumers[beat.worker] = beat.queue
         self._inventories = inventories
         if self._queue is not None:
             self._queue.learn_consumers(consumers)

@@ -42,7 +42,7 @@ class Lease:
             got = bool(await self._renew(keys=[self._key], args=[self.holder, self._ttl_ms]))
         if bool(got) != self.held:
             self.held = bool(got)
-            log.info("lease_changed", lease=self._key, holder=self.holder, held=self.held)
+            log.info("lease_changed", lease=self._key, holder=self.holder, leader=self.held)
         return self.held
 
     async def release(self) -> None:

@@ -1,8 +1,16 @@
-"""Wire formats that cross the queue: an invocation and its result.
+"""Wire formats that cross processes: an invocation and its result (through the queue), a
+worker's heartbeat (through ``shared.liveness``) and the cold-start manager's control
+command (through a worker's control stream). Each has exactly one encoder and one decoder,
+here; nobody else builds or parses them.
 
-Both travel as fields: ``m`` (JSON metadata), ``b`` (the raw body bytes, so bodies of any
-content type cross unchanged and are never base64-inflated) and, for an invocation, ``r``
-(the function record's JSON, parsed once per distinct record on the receiving side).
+An invocation and its result travel as fields: ``m`` (JSON metadata), ``b`` (the raw body
+bytes, so bodies of any content type cross unchanged and are never base64-inflated) and,
+for an invocation, ``r`` (the function record's JSON, parsed once per distinct record on
+the receiving side).
+
+Decoders of the heartbeat and the control command tolerate missing optional fields (an
+older process in a rolling upgrade sends fewer) and raise ``MalformedMessage``, a
+``ValueError``, on anything else, so readers skip what they cannot decode.
 """
 
 from __future__ import annotations
@@ -197,3 +205,114 @@ class InvocationResult:
             cold_start=bool(meta.get("cold_start", False)),
             timings={str(k): float(v) for k, v in meta.get("timings", {}).items()},
         )
+
+
+class MalformedMessage(ValueError):
+    """A heartbeat or control command that cannot be decoded (garbage, or a required
+    field missing): its reader skips it rather than act on a guess."""
+
+
+def _json_object(raw: bytes | str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (ValueError, TypeError) as e:  # ValueError covers bytes that are not UTF-8
+        raise MalformedMessage(f"undecodable {what}: {e}") from e
+    if not isinstance(value, dict):
+        raise MalformedMessage(f"undecodable {what}: not a JSON object")
+    return value
+
+
+def _counts(value: Any) -> dict[str, int]:
+    return {str(k): int(n) for k, n in value.items()}
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A worker's inventory, stored with a TTL every ``heartbeat_s`` (``shared.liveness``):
+    the cold-start manager plans provisioning with it, gateways route by it."""
+
+    worker: str
+    # "name@version" → instances by state ("ready", "busy", "paused", "starting") and how
+    # many of them are provisioned.
+    functions: dict[str, dict[str, int]] = field(default_factory=dict)
+    # A draining worker reads nothing new: it reports no instances and gets no routing.
+    draining: bool = False
+    # None: not reported (an older worker's plain heartbeat). The manager cannot place
+    # instances on such a worker, so it sends it no commands.
+    memory_capacity_mb: int | None = None
+    memory_used_mb: int | None = None
+    # The provisioning targets the worker last applied: the manager resends its command
+    # while they disagree with its plan.
+    desired: dict[str, int] = field(default_factory=dict)
+    # How the worker reads the queue (Kafka: its partitions; JSON-able), for routing.
+    # None: not reported, which the router tells apart from an empty report.
+    queue: dict[str, Any] | None = None
+    ts: float = field(default_factory=time.time)
+
+    def encode(self) -> str:
+        # Key order and separators as the worker wrote them before this codec existed.
+        meta: dict[str, Any] = {"worker": self.worker, "ts": self.ts, "draining": self.draining}
+        if self.memory_capacity_mb is not None:
+            meta["memory_capacity_mb"] = self.memory_capacity_mb
+        if self.memory_used_mb is not None:
+            meta["memory_used_mb"] = self.memory_used_mb
+        meta["functions"] = self.functions
+        meta["desired"] = self.desired
+        if self.queue is not None:
+            meta["queue"] = self.queue
+        return json.dumps(meta, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Heartbeat:
+        meta = _json_object(raw, "heartbeat")
+        try:
+            queue = meta.get("queue")
+            return cls(
+                worker=str(meta["worker"]),
+                functions={str(k): _counts(v) for k, v in meta["functions"].items()},
+                draining=bool(meta.get("draining", False)),
+                memory_capacity_mb=_optional_int(meta.get("memory_capacity_mb")),
+                memory_used_mb=_optional_int(meta.get("memory_used_mb")),
+                desired=_counts(meta.get("desired", {})),
+                # Anything but an object counts as no report, as the router always read it.
+                queue=queue if isinstance(queue, dict) else None,
+                ts=float(meta.get("ts", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise MalformedMessage(f"undecodable heartbeat: {e!r}") from e
+
+
+@dataclass(frozen=True)
+class ControlCommand:
+    """The cold-start manager's full desired state for one worker, on the worker's control
+    stream. Each command replaces the previous one, so a lost one is healed by the next."""
+
+    # "name@version" → provisioned instances to keep ready on this worker.
+    targets: dict[str, int] = field(default_factory=dict)
+    # Images to pull ahead of any cold start (the newest deployed functions').
+    images: list[str] = field(default_factory=list)
+
+    def encode(self) -> dict[str, bytes]:
+        return {
+            "targets": json.dumps(self.targets, sort_keys=True).encode(),
+            "images": json.dumps(self.images).encode(),
+        }
+
+    @classmethod
+    def decode(cls, fields: dict[bytes, bytes]) -> ControlCommand:
+        try:
+            targets = _counts(json.loads(fields[b"targets"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise MalformedMessage(f"undecodable control command: {e!r}") from e
+        # The images are only a hint (a cold start pulls what is missing anyway): a command
+        # without them (an older manager's) or with garbled ones still sets the targets.
+        try:
+            loaded = json.loads(fields.get(b"images", b"[]"))
+        except (ValueError, TypeError):
+            loaded = []
+        images = [str(ref) for ref in loaded] if isinstance(loaded, list) else []
+        return cls(targets=targets, images=images)

@@ -14,9 +14,7 @@ lapses within ``LEASE_TTL_MS`` so another takes over.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
-from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -25,6 +23,7 @@ from redis.exceptions import RedisError
 from shared.keys import Keys
 from shared.lease import Lease
 from shared.liveness import heartbeats
+from shared.messages import ControlCommand, Heartbeat, MalformedMessage
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
 from workers.placement import WorkerView, plan_provisioning
@@ -48,7 +47,7 @@ class ColdStartManager:
         self._lease = Lease(redis, self._keys.coldstart_lease, self.id, LEASE_TTL_MS)
         # What was last sent to each worker, and when: resent only if the worker's
         # heartbeat still disagrees a while later (it was lost, or the worker restarted).
-        self._sent: dict[str, tuple[dict[str, int], float, list[str]]] = {}
+        self._sent: dict[str, tuple[ControlCommand, float]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("coldstart_started", manager=self.id)
@@ -71,19 +70,18 @@ class ColdStartManager:
             if raw is None:
                 continue
             try:
-                inv: dict[str, Any] = json.loads(raw)
-                view = WorkerView(
-                    id=str(inv["worker"]),
-                    memory_capacity_mb=int(inv["memory_capacity_mb"]),
-                    memory_used_mb=int(inv["memory_used_mb"]),
-                    provisioned={
-                        k: int(v.get("provisioned", 0)) for k, v in inv["functions"].items()
-                    },
-                )
-                desired = {str(k): int(v) for k, v in inv.get("desired", {}).items()}
-            except (ValueError, KeyError, TypeError, AttributeError):
+                beat = Heartbeat.decode(raw)
+            except MalformedMessage:
+                continue
+            if beat.memory_capacity_mb is None or beat.memory_used_mb is None:
                 continue  # an older worker's plain heartbeat: it cannot take commands
-            out.append((view, desired))
+            view = WorkerView(
+                id=beat.worker,
+                memory_capacity_mb=beat.memory_capacity_mb,
+                memory_used_mb=beat.memory_used_mb,
+                provisioned={k: v.get("provisioned", 0) for k, v in beat.functions.items()},
+            )
+            out.append((view, beat.desired))
         return out
 
     async def reconcile(self) -> dict[str, dict[str, int]]:
@@ -107,17 +105,15 @@ class ColdStartManager:
         now = asyncio.get_running_loop().time()
         for view, desired in workers:
             want = plan.get(view.id, {})
+            command = ControlCommand(targets=want, images=images)
             last = self._sent.get(view.id)
-            same = last is not None and last[0] == want and last[2] == images
+            same = last is not None and last[0] == command
             recently = same and last is not None and now - last[1] < RESEND_AFTER_S
             if (want != desired or not same) and not recently:
-                self._sent[view.id] = (want, now, images)
+                self._sent[view.id] = (command, now)
                 await self._r.xadd(
                     self._keys.worker_control(view.id),
-                    {
-                        "targets": json.dumps(want, sort_keys=True),
-                        "images": json.dumps(images),
-                    },
+                    command.encode(),  # type: ignore[arg-type]  # redis-py's invariant Dict
                     maxlen=CONTROL_MAXLEN,
                     approximate=True,
                 )

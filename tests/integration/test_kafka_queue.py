@@ -6,7 +6,6 @@ blocking between functions that share a partition, and a broker that goes away."
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import redis.asyncio as aioredis
 from shared.errors import ServiceUnavailable
 from shared.keys import Keys
 from shared.liveness import heartbeats
+from shared.messages import Heartbeat
 from shared.queue.kafka import KafkaQueue
 from shared.settings import KafkaSettings
 from tests.integration.conftest import (
@@ -42,7 +42,7 @@ async def queue_reports(redis_url: str, prefix: str) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for worker, raw in beats.items():
         if raw is not None:
-            out[worker] = list(json.loads(raw).get("queue", {}).get("partitions", []))
+            out[worker] = list((Heartbeat.decode(raw).queue or {}).get("partitions", []))
     return out
 
 

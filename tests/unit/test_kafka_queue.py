@@ -4,7 +4,6 @@ real broker is covered by the integration suite (tests/integration, backend "kaf
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -15,7 +14,7 @@ from gateway.routing import WarmRouter
 from shared.errors import ServiceUnavailable
 from shared.keys import Keys
 from shared.liveness import announce
-from shared.messages import Invocation, InvocationResult
+from shared.messages import Heartbeat, Invocation, InvocationResult
 from shared.queue.base import Delivery, InvocationQueue
 from shared.queue.factory import make_queue
 from shared.queue.kafka import (
@@ -178,10 +177,8 @@ async def test_the_router_tells_the_queue_how_live_workers_read() -> None:
     keys = Keys("p")
 
     async def beat(worker: str, queue: dict[str, Any] | None, draining: bool = False) -> None:
-        inv: dict[str, Any] = {"worker": worker, "draining": draining, "functions": {}}
-        if queue is not None:
-            inv["queue"] = queue
-        await announce(redis, keys, worker, json.dumps(inv), 10_000)
+        beat = Heartbeat(worker=worker, draining=draining, queue=queue)
+        await announce(redis, keys, worker, beat.encode(), 10_000)
 
     await beat("a", {"partitions": [0, 1]})
     await beat("b", {"partitions": [2, 3]}, draining=True)  # reads nothing new

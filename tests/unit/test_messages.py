@@ -1,11 +1,20 @@
-"""shared.messages: the wire formats of invocations and results."""
+"""shared.messages: the wire formats of invocations, results, heartbeats and control
+commands."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from shared.errors import FunctionTimeout, UserCodeError
-from shared.messages import Invocation, InvocationResult
+from shared.messages import (
+    ControlCommand,
+    Heartbeat,
+    Invocation,
+    InvocationResult,
+    MalformedMessage,
+)
 
 from .helpers import make_record
 
@@ -129,3 +138,144 @@ def test_failure_uses_the_error_status() -> None:
     result = InvocationResult.failure("r", FunctionTimeout("slow"))
     assert result.status == 504
     assert result.error is not None and result.error["code"] == 433
+
+
+# -- heartbeat ---------------------------------------------------------------------------
+
+BEAT = Heartbeat(
+    worker="w1",
+    functions={"f@3": {"ready": 1, "busy": 0, "paused": 2, "starting": 0, "provisioned": 1}},
+    draining=False,
+    memory_capacity_mb=4096,
+    memory_used_mb=384,
+    desired={"f@3": 1},
+    queue={"partitions": [0, 4]},
+    ts=1_700_000_000.5,
+)
+
+
+def test_heartbeat_round_trip_from_str_and_bytes() -> None:
+    raw = BEAT.encode()
+    assert Heartbeat.decode(raw) == BEAT
+    # What MGET gives back: bytes.
+    assert Heartbeat.decode(raw.encode()) == BEAT
+
+
+def test_heartbeat_wire_format_is_the_one_workers_sent_before_the_codec() -> None:
+    # Byte for byte what an older reader (and a rolling upgrade) expects.
+    assert BEAT.encode() == json.dumps(
+        {
+            "worker": "w1",
+            "ts": 1_700_000_000.5,
+            "draining": False,
+            "memory_capacity_mb": 4096,
+            "memory_used_mb": 384,
+            "functions": BEAT.functions,
+            "desired": {"f@3": 1},
+            "queue": {"partitions": [0, 4]},
+        },
+        separators=(",", ":"),
+    )
+
+
+def test_heartbeat_of_an_older_worker_decodes_with_defaults() -> None:
+    # A plain heartbeat: no memory, desired targets, queue report, draining flag or time.
+    beat = Heartbeat.decode(json.dumps({"worker": "old", "functions": {"f@1": {"ready": 2}}}))
+    assert beat == Heartbeat(worker="old", functions={"f@1": {"ready": 2}}, ts=0.0)
+    assert (beat.memory_capacity_mb, beat.memory_used_mb, beat.queue) == (None, None, None)
+    # Unreported stays unreported: no "null" entries that would read as garbage.
+    assert "queue" not in json.loads(beat.encode())
+    assert "memory_capacity_mb" not in json.loads(beat.encode())
+
+
+def test_heartbeat_queue_report_other_than_an_object_is_no_report() -> None:
+    raw = json.dumps({"worker": "w", "functions": {}, "queue": [1, 2]})
+    assert Heartbeat.decode(raw).queue is None
+    # An empty report is a report (the Redis backend's), not its absence.
+    assert Heartbeat.decode(json.dumps({"worker": "w", "functions": {}, "queue": {}})).queue == {}
+
+
+def test_heartbeat_numbers_are_normalised() -> None:
+    raw = json.dumps(
+        {
+            "worker": 7,
+            "functions": {"f@1": {"ready": "2"}},
+            "memory_capacity_mb": "1024",
+            "memory_used_mb": 0,
+            "desired": {"f@1": "1"},
+        }
+    )
+    beat = Heartbeat.decode(raw)
+    assert beat.worker == "7"
+    assert beat.functions == {"f@1": {"ready": 2}}
+    assert (beat.memory_capacity_mb, beat.memory_used_mb, beat.desired) == (1024, 0, {"f@1": 1})
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b"\xff\xfe",
+        "[]",
+        "null",
+        json.dumps({"functions": {}}),  # no worker
+        json.dumps({"worker": "w"}),  # no functions
+        json.dumps({"worker": "w", "functions": []}),
+        json.dumps({"worker": "w", "functions": {"f@1": 3}}),
+        json.dumps({"worker": "w", "functions": {"f@1": {"ready": "many"}}}),
+        json.dumps({"worker": "w", "functions": {}, "memory_capacity_mb": "lots"}),
+        json.dumps({"worker": "w", "functions": {}, "desired": None}),
+        json.dumps({"worker": "w", "functions": {}, "desired": {"f@1": None}}),
+    ],
+)
+def test_heartbeat_garbage_is_a_value_error(raw: bytes | str) -> None:
+    with pytest.raises(MalformedMessage):
+        Heartbeat.decode(raw)
+    # Callers that skip what they cannot decode may catch the plain ValueError.
+    assert issubclass(MalformedMessage, ValueError)
+
+
+# -- control command -----------------------------------------------------------------------
+
+
+def test_control_command_round_trip() -> None:
+    command = ControlCommand(targets={"b@2": 1, "a@1": 3}, images=["r/a@sha256:1", "r/b:2"])
+    fields = command.encode()
+    # As the manager wrote it before the codec: targets with sorted keys.
+    assert fields == {
+        "targets": b'{"a@1": 3, "b@2": 1}',
+        "images": b'["r/a@sha256:1", "r/b:2"]',
+    }
+    assert ControlCommand.decode(wire(fields)) == command
+
+
+def test_control_command_empty_means_keep_none() -> None:
+    back = ControlCommand.decode(wire(ControlCommand().encode()))
+    assert back == ControlCommand(targets={}, images=[])
+
+
+def test_control_command_without_or_with_garbled_images_still_sets_targets() -> None:
+    # The images are a pre-pull hint: an older manager's command has none.
+    assert ControlCommand.decode({b"targets": b'{"f@1": 2}'}) == ControlCommand({"f@1": 2}, [])
+    for images in (b"not json", b'"a string"', b"{}", b"3"):
+        back = ControlCommand.decode({b"targets": b'{"f@1": "2"}', b"images": images})
+        assert back == ControlCommand(targets={"f@1": 2}, images=[])
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {b"images": b"[]"},
+        {b"targets": b"not json"},
+        {b"targets": b"\xff"},
+        {b"targets": b"[1, 2]"},
+        {b"targets": b"null"},
+        {b"targets": b'{"f@1": "two"}'},
+        {b"targets": b'{"f@1": null}'},
+    ],
+)
+def test_control_command_garbage_is_a_value_error(fields: dict[bytes, bytes]) -> None:
+    with pytest.raises(MalformedMessage):
+        ControlCommand.decode(fields)

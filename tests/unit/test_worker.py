@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 from shared.errors import QueueUnavailable
-from shared.messages import InvocationResult
+from shared.messages import Heartbeat, InvocationResult
 from shared.queue.base import MAX_ATTEMPTS, Delivery
 from shared.queue.memory import MemoryQueue
 from shared.settings import QueueSettings, Settings
@@ -138,7 +137,7 @@ async def test_the_heartbeat_carries_the_queues_report_for_routing() -> None:
     redis = FakeRedis()
     worker = Worker(SETTINGS, ReportingQueue(), kit.pool, kit.runtime, redis)  # type: ignore[arg-type]
     await worker._heartbeat_once()
-    assert json.loads(redis.strings[HEARTBEAT])["queue"] == {"partitions": [2, 5]}
+    assert Heartbeat.decode(redis.strings[HEARTBEAT]).queue == {"partitions": [2, 5]}
     await kit.runtime.close()
 
 
