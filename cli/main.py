@@ -34,6 +34,9 @@ from cli.api import CliError as CliError
 from cli.api import describe_error as _describe_error  # noqa: F401
 from cli.api import gateway_error as _gateway_error
 from cli.api import request as _request
+from cli.asyncinv import add_parsers as add_async_parsers
+from cli.asyncinv import invoke_async
+from cli.batch import add_parsers as add_batch_parsers
 from cli.logs import render as render_log
 from cli.logs import sse_events
 from shared.errors import ImagefnError
@@ -173,6 +176,9 @@ def cmd_invoke(args: argparse.Namespace, settings: Settings) -> None:
     # when the call fails.
     request_id = args.request_id or (f"cli-{uuid.uuid4().hex}" if args.log else None)
     sent = {"X-Request-Id": request_id} if request_id else {}
+    if args.async_:
+        invoke_async(args, path, data.encode(), sent)
+        return
     started = time.monotonic()
     try:
         _, headers, body = _request(args, "POST", path, data.encode(), headers=sent)
@@ -369,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="then print the invocation's log records to stderr (up to its REPORT)",
     )
     i.add_argument("--request-id", default=None, help="send this request id (8-64 of A-Za-z0-9._-)")
+    i.add_argument(
+        "--async",
+        dest="async_",
+        action="store_true",
+        help="queue the call and print its request id at once (see: imagefn invocation ID)",
+    )
     i.set_defaults(fn=cmd_invoke)
     lg = sub.add_parser("logs", help="print a function's log records (-f: keep following)")
     lg.add_argument("name")
@@ -400,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rm", help="delete a function")
     r.add_argument("name")
     r.set_defaults(fn=cmd_rm)
+    add_async_parsers(sub)  # invocation, dlq
+    add_batch_parsers(sub)
     return p
 
 
