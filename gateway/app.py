@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway import dlq, functions, invoke, logs, token_service
+from gateway import batches, dlq, functions, invoke, logs, token_service
 from gateway.context import (
     IMAGES,
     INVOCATIONS,
@@ -56,10 +56,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     structlog.contextvars.bind_contextvars(request_id=request_id)
     max_body = request.app[SETTINGS].gateway.max_body_bytes
     try:
-        if request.content_length is not None and request.content_length > max_body:
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=max_body, actual_size=request.content_length
-            )
+        length = request.content_length
+        # A batch streams its body item by item; each item has its own limit.
+        if length is not None and length > max_body and not batches.streams_body(request):
+            raise web.HTTPRequestEntityTooLarge(max_size=max_body, actual_size=length)
         response = await handler(request)
     except ImagefnError as e:
         if e.http_status >= 500:
@@ -154,6 +154,7 @@ def build_app(
     app.router.add_routes(token_service.routes)
     app.router.add_routes(invoke.routes)
     app.router.add_routes(dlq.routes)
+    batches.setup(app)
     invoke.add_web_routes(app)
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Any
 
 from shared.errors import InvalidRequest
@@ -44,25 +44,49 @@ BOM = b"\xef\xbb\xbf"
 # arrays are indented); its compact form must fit the limit itself.
 RAW_FACTOR = 2
 
-_WS_RUN = re.compile(rb"[ \t\r\n]+")
 _SKIP_WS = re.compile(rb"[ \t\r\n]*")
-# A whole string (kept as is), or whitespace outside strings (dropped): "\1" is empty
-# when the whitespace alternative matched.
-_STRING_OR_WS = re.compile(rb'("[^"\\]*(?:\\.[^"\\]*)*")|[ \t\r\n]+', re.S)
-# The rest of a string after its opening quote, up to and including the closing quote.
-_STRING_REST = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_STRUCTURAL = re.compile(rb'["\[\]{},]')
+# A whole string, captured: splitting on it leaves the text outside strings at the even
+# places.
+_STRING = re.compile(rb'("[^"\\]*(?:\\.[^"\\]*)*")', re.S)
+# A run of bytes that are neither brackets, braces nor commas, whole strings included;
+# it stops at the next structural byte, or at the quote of a string not complete yet.
+_RUN = re.compile(rb'(?:[^"\[\]{},]+|"[^"\\]*(?:\\.[^"\\]*)*")*', re.S)
+# The fast path: a whole item nested at most two deep (most events), with the comma or
+# bracket after it, in one match. Possessive quantifiers: a failed match (a deeper or
+# incomplete item, left to the scan) gives up at once instead of backtracking.
+_STR = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_FLAT = rb'\{(?:[^"\[\]{}]++|' + _STR + rb')*+\}|\[(?:[^"\[\]{}]++|' + _STR + rb")*+\]"
+_INSIDE = rb'(?:[^"\[\]{}]++|' + _STR + rb"|" + _FLAT + rb")*+"
+_FLAT_ITEM = re.compile(
+    rb"[ \t\r\n]*+("
+    + (rb"\{" + _INSIDE + rb"\}|\[" + _INSIDE + rb"\]")
+    + (rb'|(?:[^"\[\]{},]++|' + _STR + rb")++")
+    + rb")[ \t\r\n]*+([,\]])",
+    re.S,
+)
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder for every item (building one per call costs as much as the decoding).
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def _show(byte: bytes) -> str:
+    """One byte of the body, as an error message names it."""
+    b = byte[0]
+    return repr(chr(b)) if 0x20 <= b < 0x7F else f"byte 0x{b:02x}"
+
+
 def compact(raw: bytes) -> bytes:
-    """``raw`` without whitespace outside strings (fast path: none to drop)."""
-    if _WS_RUN.search(raw) is None:
-        return raw
-    return _STRING_OR_WS.sub(rb"\1", raw)
+    """``raw`` without whitespace outside strings."""
+    if len(raw.translate(None, WS)) == len(raw):
+        return raw  # no whitespace at all
+    parts = _STRING.split(raw)
+    parts[::2] = [p.translate(None, WS) for p in parts[::2]]
+    return b"".join(parts)
 
 
 class _Items:
@@ -95,7 +119,7 @@ class _Items:
         if self.count >= self.max_items:
             raise self.error(f"more than {self.max_items} items (batch_max_items)", line)
         try:
-            json.loads(raw, parse_constant=_refuse_constant)
+            _DECODER.decode(raw.decode("utf-8"))
         except json.JSONDecodeError as e:
             raise self.error(f"not valid JSON: {e.msg}", line + e.lineno - 1) from None
         except ValueError as e:  # not UTF-8, NaN, Infinity
@@ -165,8 +189,10 @@ class ArrayParser:
         self._line_pos = 0
 
     def _line_at(self, pos: int) -> int:
-        self._line += self._buf.count(b"\n", self._line_pos, pos)
-        self._line_pos = pos
+        """The line of byte ``pos`` (asked for in increasing order only)."""
+        if pos > self._line_pos:
+            self._line += self._buf.count(b"\n", self._line_pos, pos)
+            self._line_pos = pos
         return self._line
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -193,6 +219,17 @@ class ArrayParser:
         buf = self._buf
         if self._state == _IN_ITEM:
             return self._scan_item(out)
+        if self._state == _BEFORE_ITEM:
+            m = _FLAT_ITEM.match(buf, self._pos)
+            if m is not None:
+                text = m.group(1).rstrip(WS)
+                line = self._line_at(m.start(1))
+                self._items.check_raw_size(len(text), line)
+                out.append(self._items.item(text, line))
+                self._pos = m.end()
+                self._state = _BEFORE_ITEM if m.group(2) == b"," else _CLOSED
+                self._after_comma = True
+                return True
         if not self._skip_ws():
             return False
         c = buf[self._pos : self._pos + 1]
@@ -216,48 +253,33 @@ class ArrayParser:
             elif c == b"]":
                 self._state = _CLOSED
             else:
-                raise self._items.error(f"expected ',' or ']', found {c.decode('latin-1')!r}", line)
+                raise self._items.error(f"expected ',' or ']', found {_show(c)}", line)
             self._pos += 1
         else:  # _CLOSED
-            raise self._items.error(
-                f"unexpected {buf[self._pos : self._pos + 20].decode('utf-8', 'replace')!r} "
-                "after the array's closing ']'",
-                line,
-            )
+            raise self._items.error(f"unexpected {_show(c)} after the array's closing ']'", line)
         return True
 
     def _scan_item(self, out: list[bytes]) -> bool:
-        buf, start = self._buf, self._item_start
+        buf, start, end = self._buf, self._item_start, len(self._buf)
         while True:
-            m = _STRUCTURAL.search(buf, self._pos)
-            if m is None:
-                self._pos = len(buf)
-                self._check_size(len(buf) - start)
+            p = _RUN.match(buf, self._pos).end()  # type: ignore[union-attr]  # matches ""
+            self._pos = p
+            if p == end or buf[p] == 0x22:  # '"': a string that goes on in the next chunk
+                self._check_size(end - start)
                 return False
-            p = m.start()
             c = buf[p]
-            if c == 0x22:  # '"': skip the whole string
-                s = _STRING_REST.match(buf, p + 1)
-                if s is None:
-                    self._pos = p  # the string goes on in the next chunk
-                    self._check_size(len(buf) - start)
-                    return False
-                self._pos = s.end()
-            elif c in b"[{":
+            if c in b"[{":
                 self._depth += 1
-                self._pos = p + 1
-            elif c in b"]}" and self._depth > 0:
-                self._depth -= 1
-                self._pos = p + 1
-            elif c == 0x2C and self._depth > 0:  # ',' inside the item
-                self._pos = p + 1
+            elif self._depth > 0:  # a comma or closing bracket inside the item
+                if c != 0x2C:
+                    self._depth -= 1
             else:  # ',' or ']' at depth 0 ends the item ('}' too: then AFTER_ITEM refuses it)
                 self._check_size(p - start)
                 text = buf[start:p].rstrip(WS)
                 out.append(self._items.item(text, self._line_at(start)))
-                self._pos = p
                 self._state = _AFTER_ITEM
                 return True
+            self._pos = p + 1
 
     def _check_size(self, size: int) -> None:
         if size > self._items.max_item_bytes * RAW_FACTOR:
@@ -266,11 +288,11 @@ class ArrayParser:
     def end(self) -> list[bytes]:
         if self._state == _CLOSED:
             return []
-        line = self._line_at(len(self._buf))
         if self._state == _IN_ITEM:
             # The last item never ended: say what is wrong with it if it is broken.
             text = self._buf[self._item_start :].rstrip(WS)
             self._items.item(text, self._line_at(self._item_start))
+        line = self._line_at(len(self._buf))
         raise self._items.error("the body ends before the array's closing ']'", line)
 
 
@@ -291,22 +313,24 @@ async def parse_batch(
     max_item_bytes: int,
     max_items: int,
     fmt: str = AUTO,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield each item of the streamed body as compact JSON bytes, in order."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown batch format {fmt!r}")
     parser: Parser | None = None
     head = b""  # bytes read before the format is known
     line = 1  # lines of whitespace dropped before that
+    at_start = True  # where a byte order mark may stand
     async for chunk in chunks:
         if parser is not None:
             for item in parser.feed(chunk):
                 yield item
             continue
         head += chunk
-        if len(head) < len(BOM) and BOM.startswith(head):
-            continue  # maybe a byte order mark, split over chunks
-        head = head.removeprefix(BOM) if line == 1 else head
+        if at_start:
+            if len(head) < len(BOM) and BOM.startswith(head):
+                continue  # maybe a byte order mark, split over chunks
+            head, at_start = head.removeprefix(BOM), False
         body = head.lstrip(WS)
         if not body:
             # Only whitespace so far: remember its lines, keep nothing.
@@ -321,7 +345,7 @@ async def parse_batch(
     if parser is None:
         # Nothing but whitespace (or nothing at all).
         parser = make_parser(fmt, 0, max_item_bytes, max_items, line)
-        for item in parser.feed(head.removeprefix(BOM).lstrip(WS)):
+        for item in parser.feed(head.lstrip(WS)):
             yield item
     for item in parser.end():
         yield item

@@ -14,7 +14,13 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway.context import INVOCATIONS, LIMITER, QUEUE, REGISTRY, REQUEST_ID, ROUTER, SETTINGS
-from shared.errors import FunctionTimeout, InvalidRequest, RequestTooLarge, error_from_dict
+from shared.errors import (
+    FunctionTimeout,
+    InvalidRequest,
+    RequestTooLarge,
+    ServiceUnavailable,
+    error_from_dict,
+)
 from shared.http import REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER, strip_hop_by_hop
 from shared.messages import Invocation, InvocationResult
 from shared.registry import LATEST
@@ -166,10 +172,18 @@ async def _accept_async(
     )
     answer = {"request_id": request_id, "function": inv.function, "qualifier": qualifier}
     records = request.app[INVOCATIONS]
-    if not await records.accept(inv):
+    try:
+        verdict = await records.accept(inv)
+    except RedisError as e:
+        raise ServiceUnavailable(f"invocation records unavailable: {e}") from e
+    if verdict == "duplicate":
         # The same request id again (a client retrying after a lost answer): accepted
         # once already, so not enqueued twice.
         return web.json_response({**answer, "state": "queued", "duplicate": True}, status=202)
+    if verdict == "busy":
+        raise ServiceUnavailable(
+            f"request id {request_id} is being accepted by another call; try again shortly"
+        )
     try:
         worker = request.app[ROUTER].route(inv.function, record.version)
         await request.app[QUEUE].publish(inv, worker)
@@ -179,6 +193,9 @@ async def _accept_async(
         with contextlib.suppress(RedisError):
             await records.forget(request_id)
         raise
+    with contextlib.suppress(RedisError):
+        # Only a label for readers: the worker begins from "accepting" just as well.
+        await records.queued(request_id)
     log.info("async_accepted", function=inv.function, version=record.version)
     return web.json_response({**answer, "state": "queued"}, status=202)
 

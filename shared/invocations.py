@@ -12,8 +12,10 @@ is delivered, so the caller never waits for it.
 
 Asynchronous calls go through three scripts, each one round trip and atomic:
 
-* ``accept`` (gateway) creates the record ``queued``, unless one exists (the same request
-  id sent again is not enqueued twice);
+* ``accept`` (gateway) creates the record ``accepting`` unless one exists (the same
+  request id sent again is not enqueued twice), and ``queued`` marks it once published;
+  a record left ``accepting`` by a gateway that died before publishing is taken over by
+  the caller's next try after ``ACCEPT_STALE_S``;
 * ``begin`` (worker) is the attempt fence: a delivery of an attempt that is already
   finished (a redelivery, a retry released twice) is a duplicate and does not run; a
   batch item whose batch was cancelled ends ``cancelled`` instead of running;
@@ -37,12 +39,28 @@ from shared.keys import Keys
 from shared.messages import Invocation, InvocationResult
 from shared.retry import CANCELLED, failure_summary
 
-# KEYS: record. ARGV: meta, now, ttl. 1: created; 0: it existed.
+# KEYS: record. ARGV: meta, now, ttl, stale after (s). "new": created ("accepting");
+# "duplicate": accepted before; "busy": another call is accepting it right now.
+# A record left "accepting" longer than the stale time belongs to a gateway that died
+# before it could publish: the event was never accepted, so it is taken over.
 _ACCEPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'state', 'queued', 'done', 0,
+local state = redis.call('HGET', KEYS[1], 'state')
+if state then
+  if state ~= 'accepting' then return 'duplicate' end
+  local since = tonumber(redis.call('HGET', KEYS[1], 'updated_at') or '0')
+  if tonumber(ARGV[2]) - since < tonumber(ARGV[4]) then return 'busy' end
+end
+redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'state', 'accepting', 'done', 0,
   'created_at', ARGV[2], 'updated_at', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 'new'
+"""
+
+# KEYS: record. ARGV: now. Published: "queued", unless a worker has begun it already.
+_QUEUED = """
+if redis.call('HGET', KEYS[1], 'state') == 'accepting' then
+  redis.call('HSET', KEYS[1], 'state', 'queued', 'updated_at', ARGV[1])
+end
 return 1
 """
 
@@ -81,7 +99,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 'run'
 """
 
-# KEYS: record, result, batch, batch results, destinations outbox.
+# KEYS: record, result, batch, batch results, destinations outbox, dlq, dlq index.
 # ARGV: 1 attempt, 2 attempt JSON, 3 state, 4 next_at, 5 reason, 6 now, 7 record ttl,
 # 8 result JSON, 9 result ttl, 10 in batch, 11 index, 12 result line, 13 batch counter
 # ("succeeded"/"failed"; "" while not terminal), 14 destination JSON, 15 outbox record.
@@ -124,6 +142,11 @@ end
 if ARGV[14] ~= '' then
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'd', ARGV[14], 'v', ARGV[15])
 end
+if ARGV[3] == 'succeeded' then
+  -- A dead letter parked by a run that crashed before this point is not left behind.
+  redis.call('HDEL', KEYS[6], ARGV[16])
+  redis.call('ZREM', KEYS[7], ARGV[16])
+end
 return 1
 """
 
@@ -134,6 +157,11 @@ redis.call('HDEL', KEYS[1], 'reason', 'next_at', 'running')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+
+
+# How long a record may stay "accepting" before a new call with its request id takes it
+# over (the gateway that created it died before publishing).
+ACCEPT_STALE_S = 30.0
 
 
 def _dumps(value: Any) -> str:
@@ -157,12 +185,21 @@ def meta_of(inv: Invocation) -> dict[str, Any]:
 def attempt_doc(
     inv: Invocation, result: InvocationResult, started_at: float, finished_at: float
 ) -> dict[str, Any]:
+    # Asynchronous calls count an HTTP answer of 400 or more as a failed attempt (it is
+    # retried); a synchronous caller got that answer as it was, so only a platform error
+    # makes its attempt a failure.
+    if inv.is_async:
+        error = failure_summary(result)
+    elif result.error is not None:
+        error = {"type": str(result.error.get("type")), "message": str(result.error.get("message"))}
+    else:
+        error = None
     return {
         "attempt": inv.attempt,
         "started_at": started_at,
         "finished_at": finished_at,
         "status": result.status,
-        "error": failure_summary(result),
+        "error": error,
         "timings_ms": {k: round(v * 1000, 3) for k, v in result.timings.items()},
         "worker": result.worker,
         "instance": result.instance,
@@ -215,6 +252,7 @@ class InvocationLog:
         self._ttl_s = ttl_s
         self._result_ttl_s = result_ttl_s
         self._accept = client.register_script(_ACCEPT)
+        self._queued = client.register_script(_QUEUED)
         self._begin = client.register_script(_BEGIN)
         self._finish = client.register_script(_FINISH)
         self._requeue = client.register_script(_REQUEUE)
@@ -240,13 +278,17 @@ class InvocationLog:
             pipe.expire(key, self._ttl_s)
             await pipe.execute()
 
-    async def accept(self, inv: Invocation) -> bool:
-        """Create the record of an accepted async invocation; False if one exists."""
-        created = await self._accept(
+    async def accept(self, inv: Invocation) -> str:
+        """Start accepting an async invocation: "new", "duplicate" or "busy"."""
+        got = await self._accept(
             keys=[self._keys.invocation(inv.request_id)],
-            args=[_dumps(meta_of(inv)), time.time(), self._ttl_s],
+            args=[_dumps(meta_of(inv)), time.time(), self._ttl_s, ACCEPT_STALE_S],
         )
-        return bool(created)
+        return got.decode() if isinstance(got, bytes) else str(got)
+
+    async def queued(self, request_id: str) -> None:
+        """The accepted invocation is in the queue."""
+        await self._queued(keys=[self._keys.invocation(request_id)], args=[time.time()])
 
     async def begin(self, inv: Invocation, worker: str) -> str:
         """The attempt fence: "run", "duplicate" or "cancelled" (see the module text)."""
@@ -279,6 +321,8 @@ class InvocationLog:
                 self._keys.batch(inv.batch),
                 self._keys.batch_results(inv.batch),
                 self._keys.destinations,
+                self._keys.dlq(inv.function),
+                self._keys.dlq_index(inv.function),
             ],
             args=[
                 inv.attempt,
@@ -296,6 +340,7 @@ class InvocationLog:
                 outcome.batch_counter,
                 "" if outcome.destination is None else _dumps(outcome.destination),
                 "" if outcome.destination_record is None else _dumps(outcome.destination_record),
+                inv.request_id,
             ],
         )
         return bool(done)

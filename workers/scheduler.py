@@ -31,8 +31,10 @@ from shared.keys import Keys
 from shared.lease import Lease
 from shared.queue.base import InvocationQueue
 from shared.queue.factory import make_queue
+from shared.registry import FunctionRegistry
 from shared.settings import Settings
 from workers.destinations import DestinationDispatcher
+from workers.feeder import BatchFeeder
 
 log = structlog.get_logger("imagefn.scheduler")
 
@@ -93,7 +95,8 @@ async def serve_scheduler(settings: Settings, stop: asyncio.Event) -> None:
         await queue.open()
         stack.push_async_callback(queue.close)
         keys = Keys(settings.queue.prefix)
-        scheduler = Scheduler(redis, queue, settings)
+        feeder = BatchFeeder(redis, queue, keys, FunctionRegistry(redis, keys), settings.asyncinv)
+        scheduler = Scheduler(redis, queue, settings, feeder.tick)
         dispatcher = DestinationDispatcher(
             redis,
             settings,
