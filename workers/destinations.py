@@ -8,7 +8,10 @@ dispatcher (in every scheduler process; the stream's consumer group gives each r
 one of them) sends each record with up to ``destination_attempts`` tries and growing
 waits, then acknowledges it either way; ``{p}:destination-stats:{function}`` counts what
 was delivered and what failed, with the last error (``GET /v1/functions/{name}/
-destinations``). Records run concurrently (bounded), so one dead URL delays only its own.
+destinations``). Records run concurrently, in one lane per destination: a lane sends at
+most ``PER_DESTINATION`` at once and keeps the rest waiting in order (unacknowledged), so
+a dead URL, whose records each take every try and timeout, holds only its own lane while
+the others go on. Reading pauses only when ``MAX_WAITING`` records wait in all lanes.
 A dispatcher that dies leaves its records pending; another takes them over after
 ``RECLAIM_IDLE_MS``. Delivery is therefore at least once.
 """
@@ -16,7 +19,9 @@ A dispatcher that dies leaves its records pending; another takes them over after
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import json
 import time
 from typing import Any
@@ -38,8 +43,11 @@ log = structlog.get_logger("imagefn.destinations")
 
 READ_COUNT = 64
 READ_BLOCK_MS = 1000
-# Records sent at once; more wait for a free place.
+# Records sent at once to one destination, and in all.
+PER_DESTINATION = 16
 MAX_SENDING = 64
+# Records read and waiting for their lane; past this, reading pauses.
+MAX_WAITING = 10_000
 # A record a dead dispatcher held this long is taken over.
 RECLAIM_IDLE_MS = 60_000
 
@@ -62,7 +70,13 @@ class DestinationDispatcher:
         self._consumer = consumer
         self._invocations = invocations
         self._sending: set[asyncio.Task[None]] = set()
-        self._places = asyncio.Semaphore(MAX_SENDING)
+        # Destination (its JSON) → records sending now / waiting, in order.
+        self._running: dict[bytes, int] = {}
+        self._waiting: dict[bytes, collections.deque[tuple[Any, dict[bytes, bytes]]]] = {}
+        self._waiting_count = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._closing = False
         self._session: aiohttp.ClientSession | None = None
         self._producer: AIOKafkaProducer | None = None
         self._topics_made: set[str] = set()
@@ -92,9 +106,10 @@ class DestinationDispatcher:
             await self._close()
 
     async def _close(self) -> None:
-        # Records still being sent are not acknowledged: another dispatcher (or this one
-        # restarted) sends them again.
-        for task in self._sending:
+        # Records still being sent (or waiting) are not acknowledged: another dispatcher
+        # (or this one restarted) sends them again.
+        self._closing = True
+        for task in list(self._sending):
             task.cancel()
         await asyncio.gather(*self._sending, return_exceptions=True)
         if self._session is not None:
@@ -133,15 +148,45 @@ class DestinationDispatcher:
         return [e for e in resp[1] if e and e[1]]
 
     async def _take(self, entries: list[tuple[Any, dict[bytes, bytes]]]) -> None:
-        for entry_id, fields in entries:
-            await self._places.acquire()
-            task = asyncio.create_task(self._handle(entry_id, fields), name="destination-send")
-            self._sending.add(task)
-            task.add_done_callback(self._sent)
+        for entry in entries:
+            await self._room.wait()
+            lane = entry[1].get(b"d", b"")
+            self._waiting.setdefault(lane, collections.deque()).append(entry)
+            self._waiting_count += 1
+            if self._waiting_count >= MAX_WAITING:
+                self._room.clear()
+            self._start_waiting()
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
+    def _start_waiting(self) -> None:
+        """Start waiting records while their lane and the total have room, lanes in
+        turn so that no lane waits behind another's backlog."""
+        progress = not self._closing
+        while progress and len(self._sending) < MAX_SENDING:
+            progress = False
+            for lane in list(self._waiting):
+                queue = self._waiting[lane]
+                if self._running.get(lane, 0) >= PER_DESTINATION:
+                    continue
+                entry_id, fields = queue.popleft()
+                if not queue:
+                    del self._waiting[lane]
+                self._waiting_count -= 1
+                self._running[lane] = self._running.get(lane, 0) + 1
+                task = asyncio.create_task(self._handle(entry_id, fields), name="destination-send")
+                self._sending.add(task)
+                task.add_done_callback(functools.partial(self._sent, lane))
+                progress = True
+                if len(self._sending) >= MAX_SENDING:
+                    break
+        if self._waiting_count < MAX_WAITING:
+            self._room.set()
+
+    def _sent(self, lane: bytes, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
-        self._places.release()
+        self._running[lane] -= 1
+        if not self._running[lane]:
+            del self._running[lane]
+        self._start_waiting()
 
     async def _handle(self, entry_id: Any, fields: dict[bytes, bytes]) -> None:
         try:
