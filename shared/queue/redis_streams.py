@@ -48,6 +48,16 @@ REPLY_TRIM_EVERY = 100
 # Blocking reads must return before the client's socket timeout (redis-py: 5 s).
 REPLY_BLOCK_MS = 2000
 RECLAIM_PAGES_PER_CALL = 10
+# The result, then the acknowledgement, in one script: if Redis refuses the XADD (out of
+# memory, the reply key of the wrong type) the script stops there and the invocation
+# stays claimed, to be finished again or reclaimed. (A pipeline would acknowledge anyway.)
+_REPLY_AND_ACK = """
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+return 1
+"""
 _DELETE_IF_EMPTY = (
     "if redis.call('XLEN', KEYS[1]) == 0 then return redis.call('DEL', KEYS[1]) end return 0"
 )
@@ -75,6 +85,7 @@ class RedisStreamsQueue(InvocationQueue):
         self._closed = False
         self._reclaim_cursors: dict[str, str] = {}
         self._delayed = DelayedSet(client, self._keys)
+        self._reply_and_ack = client.register_script(_REPLY_AND_ACK)
 
     @_client_errors
     async def open(self) -> None:
@@ -335,21 +346,22 @@ class RedisStreamsQueue(InvocationQueue):
     @_client_errors
     async def finish(self, delivery: Delivery, result: InvocationResult | None) -> None:
         reply_to = delivery.invocation.reply_to
+        if result is None or not reply_to:
+            await self._ack(delivery.receipt)
+            return
         stream, entry_id = self._split(delivery.receipt)
-        async with self._r.pipeline(transaction=False) as pipe:
-            if result is not None and reply_to:
-                fields = result.encode()
-                fields[CALL_ID_FIELD.decode()] = delivery.invocation.call_id.encode()
-                pipe.xadd(
-                    reply_to,
-                    fields,  # type: ignore[arg-type]
-                    maxlen=REPLY_STREAM_MAXLEN,
-                    approximate=True,
-                )
-                pipe.expire(reply_to, self._s.reply_ttl_s)
-            pipe.xack(stream, self._keys.workers_group, entry_id)
-            pipe.xdel(stream, entry_id)
-            await pipe.execute()
+        fields = result.encode()
+        fields[CALL_ID_FIELD.decode()] = delivery.invocation.call_id.encode()
+        await self._reply_and_ack(
+            keys=[reply_to, stream],
+            args=[
+                self._keys.workers_group,
+                entry_id,
+                self._s.reply_ttl_s,
+                REPLY_STREAM_MAXLEN,
+                *[part for pair in fields.items() for part in pair],
+            ],
+        )
 
     async def _ack(self, receipt: str) -> None:
         stream, entry_id = self._split(receipt)

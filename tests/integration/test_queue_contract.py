@@ -722,19 +722,6 @@ async def test_finish_acknowledges_only_after_the_result_is_delivered(
     """finish delivers the result to reply_to *before* acknowledging: when the result
     cannot be delivered, finish fails and the invocation stays unacknowledged, so it is
     handed out again rather than lost."""
-    if queue_factory.backend == "redis":
-        # Broken promise, reported, not fixed here (backend code is not this suite's):
-        # RedisStreamsQueue.finish sends XADD (result), XACK and XDEL in one
-        # non-transactional pipeline, so when Redis refuses the XADD (here WRONGTYPE; in
-        # production OOM, since XADD is denyoom and XACK/XDEL are not) the entry is
-        # acknowledged and deleted anyway. finish raises and the worker retries it, but a
-        # worker stopped meanwhile leaves nothing to reclaim: the invocation is lost.
-        # strict: this test fails once the backend keeps the promise; drop the marker then.
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True, reason="Redis finish acknowledges even when the result write fails"
-            )
-        )
     publisher = await queue_factory()
     if not queue_factory.caps.reply_can_fail:
         # Memory resolves the waiting call in process, which cannot fail: the result is
