@@ -829,3 +829,62 @@ async def test_close_is_idempotent(queue_factory: QueueFactory) -> None:
 # publish_at(inv, due_at) / release_due(now, max_count) go here, one test function per
 # promise, each taking ``queue_factory`` like the tests above. Every handle the factory
 # gives is built by make_queue, so the Kafka ones carry their Redis retry store.
+
+
+async def test_a_delayed_invocation_is_delivered_only_once_it_is_due_and_released(
+    queue_factory: QueueFactory,
+) -> None:
+    """publish_at keeps it from every consumer; release_due before its time moves
+    nothing; at its time it moves once and is consumed like a published one."""
+    q = await queue_factory()
+    worker = await queue_factory() if queue_factory.caps.durable else q
+    due = time.time() + 3600
+    inv = replace(invocation(), mode="async", attempt=2)
+    await q.publish_at(inv, due)
+    assert await quiet(queue_factory, worker, "w-a", for_s=0.3) == []
+    assert await q.release_due(due - 1, 100) == 0
+    assert await q.release_due(due, 100) == 1
+    [d] = await take(worker, "w-a", [inv.request_id])
+    assert d.invocation == inv  # every field, the async ones included, crosses
+    assert await q.release_due(due + 1, 100) == 0  # moved once
+
+
+async def test_scheduling_the_same_attempt_twice_keeps_it_once(
+    queue_factory: QueueFactory,
+) -> None:
+    """A duplicate delivery that schedules the same retry again changes nothing: one
+    (request id, attempt) is kept once; another attempt of it is another entry."""
+    q = await queue_factory()
+    inv = replace(invocation(), mode="async", attempt=2)
+    await q.publish_at(inv, time.time() - 1)
+    await q.publish_at(inv, time.time() - 1)
+    await q.publish_at(replace(inv, attempt=3), time.time() - 1)
+    assert await q.release_due(time.time(), 100) == 2
+    got = await take(q, "w-a", [inv.request_id])
+    await asyncio.sleep(0.5)
+    got += await q.consume("w-a", 10, POLL_S)
+    assert sorted(d.invocation.attempt for d in got) == [2, 3]
+
+
+async def test_release_due_moves_at_most_max_count_oldest_first(
+    queue_factory: QueueFactory,
+) -> None:
+    q = await queue_factory()
+    now = time.time()
+    invs = [replace(invocation(), mode="async", attempt=2) for _ in range(5)]
+    for i, inv in enumerate(invs):
+        await q.publish_at(inv, now - 10 + i)
+    assert await q.release_due(now, 2) == 2
+    first = await take(q, "w-a", [i.request_id for i in invs[:2]])
+    assert sorted(ids(first)) == sorted(i.request_id for i in invs[:2])
+    assert await q.release_due(now, 100) == 3
+    await take(q, "w-a", [i.request_id for i in invs[2:]], have=first)
+
+
+async def test_publish_many_accepts_every_invocation(queue_factory: QueueFactory) -> None:
+    q = await queue_factory()
+    worker = await queue_factory() if queue_factory.caps.durable else q
+    invs = [invocation() for _ in range(50)]
+    await q.publish_many(invs)
+    got = await take(worker, "w-a", [i.request_id for i in invs])
+    assert sorted(ids(got)) == sorted(i.request_id for i in invs)
