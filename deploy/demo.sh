@@ -56,6 +56,23 @@ done
 step "imagefn invoke hello-event --log   # the call's own log lines, read back from Kafka"
 "$IMAGEFN" invoke hello-event --data '{"name":"logs"}' --log
 
+step "imagefn invoke hello-event --async   # 202 at once; a worker runs it, retries it if it fails"
+rid=$("$IMAGEFN" invoke hello-event --async --data '{"name":"async"}' | awk '{print $1}')
+echo "request id: $rid"
+for _ in $(seq 1 40); do  # bounded: at most ~10 s
+  "$IMAGEFN" invocation "$rid" --json | grep -q '"state": *"succeeded"' && break
+  sleep 0.25
+done
+step "imagefn invocation $rid"
+"$IMAGEFN" invocation "$rid"
+
+step "imagefn batch submit hello-event (100 items, NDJSON) --follow"
+batch_file="$STATE/demo-batch.ndjson"
+for i in $(seq 0 99); do echo "{\"name\":\"item $i\"}"; done >"$batch_file"
+batch=$("$IMAGEFN" batch submit hello-event "$batch_file" --follow)
+step "imagefn batch results $batch | head -3   # one line per item, in item order"
+"$IMAGEFN" batch results "$batch" | head -3
+
 step "web function: POST $GATEWAY/web/web-app/items"
 curl -sS -i -X POST -H 'Content-Type: application/json' \
   --data '{"title":"try imagefn"}' "$GATEWAY/web/web-app/items"
@@ -80,7 +97,7 @@ cat <<MSG
 
 ==> imagefn is running at $GATEWAY
     platform log:   $STATE/up.log
-    CLI:            $IMAGEFN --help   (deploy, invoke, logs, ls, versions, alias, rm)
+    CLI:            $IMAGEFN --help   (deploy, invoke [--async], invocation, batch, dlq, logs, ls, versions, alias, rm)
     stop it:        deploy/stop.sh
     read next:      docs/user-guide.md, examples/README.md
 MSG

@@ -108,6 +108,9 @@ class ShipperProcess:
         self._waiting: dict[int, tuple[str, asyncio.Future[bool]]] = {}
         self._ids = itertools.count(1)
         self._warned_at = -WARN_EVERY_S
+        # Messages waiting for this pass of the event loop to end (see _send).
+        self._outbox: list[str] = []
+        self._flush_scheduled = False
         # Counters, for tests and the shutdown line.
         self.restarts = 0
         self.dropped_messages = 0
@@ -126,6 +129,7 @@ class ShipperProcess:
         proc = self._proc
         if proc is not None and proc.returncode is None:
             self._send(["c"])
+            self._flush()  # now, not at the end of this pass: stdin closes next
             if self._stdin is not None:
                 self._stdin.close()
             try:
@@ -257,7 +261,25 @@ class ShipperProcess:
                 self._warned_at = now
                 log.warning("log_shipper_process_behind", dropped_messages=self.dropped_messages)
             return
-        w.write((_dumps(msg) + "\n").encode())
+        # Coalesced: every invocation sends two messages, and one pipe write per message
+        # cost the worker's event loop more than the rest of a warm invocation's
+        # bookkeeping (measured: ~18 % of its CPU under a batch). Messages written in one
+        # pass of the loop go out in one write, in order.
+        self._outbox.append(_dumps(msg))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        lines, self._outbox = self._outbox, []
+        w = self._stdin
+        if not lines:
+            return
+        if w is None or w.transport.is_closing():
+            self.dropped_messages += len(lines)
+            return
+        w.write(("\n".join(lines) + "\n").encode())
 
     @staticmethod
     def _follow_msg(cid: str, src: LogSource, since_ns: int | None, seq_from: int) -> list[Any]:
