@@ -146,7 +146,8 @@ def render(res: dict[str, Any]) -> str:
         "# imagefn batch benchmark",
         "",
         f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, {m.get('memory_gib', '?')} GiB,"
-        f" kernel {m['kernel']}; queue backend {res['backend']}; command `{res['command']}`",
+        f" kernel {m['kernel']}; queue backend {res['backend']}; platform settings"
+        f" {res.get('platform_env') or 'default'}; command `{res['command']}`",
         "",
         "| what | items | items/s | target | met |",
         "|---|---|---|---|---|",
@@ -203,9 +204,10 @@ async def amain(a: argparse.Namespace) -> int:
     }
     ctl: Control | None = None
     rc = 0
-    extra: dict[str, str] = {}
+    extra: dict[str, str] = dict(kv.split("=", 1) for kv in a.env)
     if a.backend == "kafka":
         extra["IMAGEFN_QUEUE_BACKEND"] = "kafka"
+    res["platform_env"] = extra
     try:
         await plat.guard_other_installations(docker)
         reg.start()
@@ -273,6 +275,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image", default="imagefn-examples/hello-event:latest")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--no-peers", action="store_true")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra setting for the platform, e.g. IMAGEFN_LOGS=off (diagnostic rows)",
+    )
     p.add_argument("--json", metavar="FILE")
     return p.parse_args()
 

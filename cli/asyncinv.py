@@ -1,8 +1,9 @@
 """Asynchronous invocations and dead letters from the command line (issue 9):
 ``imagefn invoke NAME --async``, ``imagefn invocation ID`` and ``imagefn dlq ...``.
 
-Each command talks to the HTTP API of docs/async-design.md and prints for people by
-default; ``--json`` prints the gateway's document as it came, for scripts.
+Each command talks to the HTTP API of docs/architecture.md, section 15 (and
+gateway/openapi.yaml) and prints for people by default; ``--json`` prints the gateway's
+document as it came, for scripts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cli.api import CliError, request, request_json
 from cli.logs import format_ts
 from shared.settings import Settings
 
-# Asks the gateway to queue the call and answer 202 at once (docs/async-design.md).
+# Asks the gateway to queue the call and answer 202 at once (docs/architecture.md, section 15).
 INVOCATION_TYPE_HEADER = "X-Imagefn-Invocation-Type"
 # How much of a result body `imagefn invocation` shows: enough to recognise it, not a
 # megabyte of JSON flooding the terminal (--json shows it whole).

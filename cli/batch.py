@@ -66,8 +66,8 @@ class Upload:
                 raise CliError(f"{name} is empty: a batch needs at least one item")
             self._head.append(block)
             first = block.lstrip(WHITESPACE).removeprefix(UTF8_BOM).lstrip(WHITESPACE)[:1]
-        # docs/async-design.md: "a JSON array, or NDJSON". An .ndjson/.jsonl file is NDJSON
-        # even when its first item happens to be an array.
+        # docs/architecture.md, section 15, "Batches": a JSON array, or NDJSON. An
+        # .ndjson/.jsonl file is NDJSON even when its first item happens to be an array.
         ndjson_name = name.endswith((".ndjson", ".jsonl"))
         self.content_type = "application/json" if first == b"[" and not ndjson_name else NDJSON
 
@@ -274,7 +274,7 @@ def _copy_results(args: argparse.Namespace, lines: _Lines, *, follow: bool) -> s
     broke off (the lines before stay copied). Following, it starts at the next item."""
     query = {"follow": "true" if follow else "false"}
     if follow and lines.count:
-        # Not in docs/async-design.md yet; gateway/batches.py has it: resume at item N.
+        # Resume at item N (docs/architecture.md, section 15, "Batches").
         query["start"] = str(lines.count)
     path = f"/v1/batches/{_quote(args.id)}/results?{urllib.parse.urlencode(query)}"
     # Following, the next line may be hours away (an item retrying with backoff) and the

@@ -1,5 +1,5 @@
-"""Batch routes (docs/async-design.md): submit a batch, read its status and results,
-cancel it.
+"""Batch routes (docs/architecture.md, section 15, "Batches"): submit a batch, read its
+status and results, cancel it.
 
 ``POST /v1/functions/{name}/batches`` streams its body: it is parsed item by item
 (``gateway.batchparse``) and staged in Redis as it arrives, so a batch may be far larger

@@ -1,4 +1,5 @@
-"""The body of a batch submission, parsed as it streams in (docs/async-design.md).
+"""The body of a batch submission, parsed as it streams in (docs/architecture.md,
+section 15, "Batches").
 
 A body is a JSON array of items or NDJSON (one JSON value per line, blank lines
 skipped); ``parse_batch`` tells them apart by the first byte that is not whitespace

@@ -1,4 +1,5 @@
-"""Batches in Redis (docs/async-design.md): a batch's items, counters and result lines.
+"""Batches in Redis (docs/architecture.md, section 15, "Batches"): a batch's items,
+counters and result lines.
 
 Keys (``shared.keys``): ``batch`` (hash: meta, total, fed, succeeded, failed, cancelled,
 state, finished_at; after a cancel also fed_at_cancel, cancelled_at), ``batch_items``

@@ -34,6 +34,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from shared.autopipe import AutoPipeline
 from shared.errors import InvocationNotFound
 from shared.keys import Keys
 from shared.messages import Invocation, InvocationResult
@@ -251,6 +252,8 @@ class InvocationLog:
         self._keys = keys
         self._ttl_s = ttl_s
         self._result_ttl_s = result_ttl_s
+        # begin and finish come from every invocation a worker runs at once: pipelined.
+        self._pipe = AutoPipeline(client)
         self._accept = client.register_script(_ACCEPT)
         self._queued = client.register_script(_QUEUED)
         self._begin = client.register_script(_BEGIN)
@@ -293,8 +296,9 @@ class InvocationLog:
     async def begin(self, inv: Invocation, worker: str) -> str:
         """The attempt fence: "run", "duplicate" or "cancelled" (see the module text)."""
         line = {"index": inv.index, "request_id": inv.request_id, "status": CANCELLED}
-        got = await self._begin(
-            keys=[
+        got = await self._pipe.script(
+            self._begin,
+            [
                 self._keys.invocation(inv.request_id),
                 self._keys.batch(inv.batch),
                 self._keys.batch_results(inv.batch),
@@ -314,8 +318,9 @@ class InvocationLog:
 
     async def finish(self, inv: Invocation, outcome: Outcome) -> bool:
         """Write one attempt's outcome; False when that attempt was already finished."""
-        done = await self._finish(
-            keys=[
+        done = await self._pipe.script(
+            self._finish,
+            [
                 self._keys.invocation(inv.request_id),
                 self._keys.result(inv.request_id),
                 self._keys.batch(inv.batch),

@@ -46,7 +46,7 @@ class Invocation:
     # when two callers chose the same request id.
     call_id: str = ""
     version: str = "$LATEST"
-    # -- asynchronous invocations (docs/async-design.md) ---------------------------------
+    # -- asynchronous invocations (docs/architecture.md, section 15) ----------------------
     # "sync": a caller waits on reply_to; "async": nobody waits, the worker records the
     # outcome, retries or dead-letters it.
     mode: str = "sync"

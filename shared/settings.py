@@ -172,6 +172,10 @@ class AsyncSettings:
     throttle_max_delay_s: float = 60.0
     # The scheduler's tick: due retries wait at most about this long past their time.
     scheduler_tick_s: float = 0.1
+    # Its tick while a batch has items left to feed: a batch's max_concurrency is
+    # refilled once per tick, so a batch of fast items runs at most about
+    # max_concurrency / tick items per second.
+    batch_tick_s: float = 0.01
     # Batches: items in flight per batch unless the batch says otherwise, and the items
     # per second the scheduler feeds into the queue for one function (so a big batch
     # cannot flood the queue ahead of other functions' calls).
@@ -269,6 +273,13 @@ def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if not value > 0:
+        raise InvalidRequest(f"setting {name}={value:g}: must be above 0")
+    return value
+
+
 # Kafka topic names allow only these characters (and at most 249 of them).
 _TOPIC_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -313,7 +324,8 @@ def _async_settings(env: Mapping[str, str]) -> AsyncSettings:
             env, "IMAGEFN_THROTTLE_BASE_DELAY_S", a.throttle_base_delay_s
         ),
         throttle_max_delay_s=_float(env, "IMAGEFN_THROTTLE_MAX_DELAY_S", a.throttle_max_delay_s),
-        scheduler_tick_s=_float(env, "IMAGEFN_SCHEDULER_TICK_S", a.scheduler_tick_s),
+        scheduler_tick_s=_positive_float(env, "IMAGEFN_SCHEDULER_TICK_S", a.scheduler_tick_s),
+        batch_tick_s=_positive_float(env, "IMAGEFN_BATCH_TICK_S", a.batch_tick_s),
         batch_max_concurrency=_positive(
             env, "IMAGEFN_BATCH_MAX_CONCURRENCY", a.batch_max_concurrency
         ),
@@ -325,7 +337,7 @@ def _async_settings(env: Mapping[str, str]) -> AsyncSettings:
         destination_attempts=_positive(
             env, "IMAGEFN_DESTINATION_ATTEMPTS", a.destination_attempts
         ),
-        destination_timeout_s=_float(
+        destination_timeout_s=_positive_float(
             env, "IMAGEFN_DESTINATION_TIMEOUT_S", a.destination_timeout_s
         ),
     )

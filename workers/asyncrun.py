@@ -3,7 +3,7 @@ the result, so the worker itself records it, schedules the retry or parks the de
 letter, and only then acknowledges the delivery.
 
 Order, chosen so that nothing accepted is lost and nothing is counted twice
-(docs/async-design.md):
+(docs/architecture.md, section 15):
 
 1. ``begin`` — the attempt fence: a duplicate delivery (an attempt already finished, a
    retry released twice) stops here; a cancelled batch's item ends ``cancelled``;

@@ -1,7 +1,7 @@
 """The batch feeder: moves items of running batches into the invocation queue, no faster
 than each batch's ``max_concurrency`` and each function's rate allow
-(docs/async-design.md). The scheduler calls ``tick`` about every 0.1 s while it holds its
-lease, so one feeder acts at a time.
+(docs/architecture.md, section 15, "Batches"). The scheduler calls ``tick`` about every
+0.1 s while it holds its lease, so one feeder acts at a time.
 
 Per batch and tick: items in flight are ``fed - (succeeded + failed + cancelled)``; up to
 ``max_concurrency`` minus those are fed, and no more than the function's token bucket
@@ -136,12 +136,17 @@ class BatchFeeder:
         self._rate = float(settings.batch_rate_per_function)
         self._clock = clock
         self._buckets: dict[str, Bucket] = {}
+        # Whether the last tick saw a batch with items still to feed: the scheduler then
+        # ticks faster, since a batch's items in flight finish within milliseconds and
+        # its max_concurrency is refilled only by a tick.
+        self.active = False
 
     async def tick(self) -> int:
         """Feed every running batch what it may get now; the number of items published.
         Redis or queue trouble raises (ServiceUnavailable, QueueUnavailable): nothing
         is lost, the next tick starts from ``fed`` again."""
         ids = await self._store.live_ids(MAX_BATCHES)
+        self.active = False
         resolved: dict[tuple[str, str], Resolved] = {}
         buckets: dict[str, Bucket] = {}
         fed = 0
@@ -152,6 +157,7 @@ class BatchFeeder:
                 continue
             if p.state != RUNNING or p.fed >= p.total:
                 continue  # cancelled, or all fed: waiting for the items in flight
+            self.active = True
             fn = p.meta.function
             record = await self._resolve(resolved, fn, p.meta.qualifier)
             if isinstance(record, ImagefnError):

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 import structlog
@@ -51,15 +50,16 @@ class Scheduler:
         redis: aioredis.Redis,
         queue: InvocationQueue,
         settings: Settings,
-        feed: Callable[[], Awaitable[int]] | None = None,
+        feeder: BatchFeeder | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex[:12]
         self._queue = queue
         self._tick_s = settings.asyncinv.scheduler_tick_s
+        self._feed_tick_s = min(self._tick_s, settings.asyncinv.batch_tick_s)
         self._lease = Lease(
             redis, Keys(settings.queue.prefix).scheduler_lease, self.id, LEASE_TTL_MS
         )
-        self._feed = feed
+        self._feeder = feeder
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("scheduler_started", scheduler=self.id)
@@ -69,8 +69,9 @@ class Scheduler:
                     await self.tick()
             except (RedisError, ImagefnError) as e:
                 log.warning("scheduler_tick_failed", error=str(e))
+            busy = self._feeder is not None and self._feeder.active and self._lease.held
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._tick_s)
+                await asyncio.wait_for(stop.wait(), self._feed_tick_s if busy else self._tick_s)
         await self._lease.release()
         log.info("scheduler_stopped", scheduler=self.id)
 
@@ -83,8 +84,8 @@ class Scheduler:
                 break
         if released:
             log.info("retries_released", count=released)
-        if self._feed is not None:
-            await self._feed()
+        if self._feeder is not None:
+            await self._feeder.tick()
 
 
 async def serve_scheduler(settings: Settings, stop: asyncio.Event) -> None:
@@ -96,7 +97,7 @@ async def serve_scheduler(settings: Settings, stop: asyncio.Event) -> None:
         stack.push_async_callback(queue.close)
         keys = Keys(settings.queue.prefix)
         feeder = BatchFeeder(redis, queue, keys, FunctionRegistry(redis, keys), settings.asyncinv)
-        scheduler = Scheduler(redis, queue, settings, feeder.tick)
+        scheduler = Scheduler(redis, queue, settings, feeder)
         dispatcher = DestinationDispatcher(
             redis,
             settings,

@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
+from shared.autopipe import AutoPipeline
 from shared.backoff import Backoff
 from shared.errors import QueueUnavailable
 from shared.keys import Keys
@@ -86,6 +87,8 @@ class RedisStreamsQueue(InvocationQueue):
         self._reclaim_cursors: dict[str, str] = {}
         self._delayed = DelayedSet(client, self._keys)
         self._reply_and_ack = client.register_script(_REPLY_AND_ACK)
+        # Every invocation a worker runs at once finishes on its own: pipelined.
+        self._pipe = AutoPipeline(client)
 
     @_client_errors
     async def open(self) -> None:
@@ -352,9 +355,10 @@ class RedisStreamsQueue(InvocationQueue):
         stream, entry_id = self._split(delivery.receipt)
         fields = result.encode()
         fields[CALL_ID_FIELD.decode()] = delivery.invocation.call_id.encode()
-        await self._reply_and_ack(
-            keys=[reply_to, stream],
-            args=[
+        await self._pipe.script(
+            self._reply_and_ack,
+            [reply_to, stream],
+            [
                 self._keys.workers_group,
                 entry_id,
                 self._s.reply_ttl_s,
@@ -365,7 +369,7 @@ class RedisStreamsQueue(InvocationQueue):
 
     async def _ack(self, receipt: str) -> None:
         stream, entry_id = self._split(receipt)
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.xack(stream, self._keys.workers_group, entry_id)
-            pipe.xdel(stream, entry_id)
-            await pipe.execute()
+        # Both in the same pipeline (issued in the same pass of the loop).
+        acked = self._pipe.execute("XACK", stream, self._keys.workers_group, entry_id)
+        deleted = self._pipe.execute("XDEL", stream, entry_id)
+        await asyncio.gather(acked, deleted)

@@ -2,7 +2,8 @@
 SIGKILLed in the middle of async work loses nothing and ends every accepted event in
 exactly one terminal state (duplicates are allowed, but counted); destination records
 reach Kafka topics and HTTP endpoints, and a destination that is down slows no
-invocation. Real Docker, Redis and broker (docs/async-design.md is the contract).
+invocation. Real Docker, Redis and broker (docs/architecture.md, section 15, is the
+contract).
 
 The kill tests start their own platforms (``running_platform``) so the session's shared
 ones keep all their processes; the destination tests use the shared Redis platform.

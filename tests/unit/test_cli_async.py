@@ -1,7 +1,8 @@
 """``imagefn invoke --async``, ``imagefn invocation``, ``imagefn dlq ...`` and ``imagefn
 batch ...`` against a stand-in gateway that records what the CLI sent and answers with
-canned documents shaped as docs/async-design.md ("HTTP API") says. The gateway's own
-routes are tested on their side (test_gateway.py and the integration suite)."""
+canned documents shaped as docs/architecture.md, section 15, and gateway/openapi.yaml
+say. The gateway's own routes are tested on their side (test_gateway.py and the
+integration suite)."""
 
 from __future__ import annotations
 

@@ -333,3 +333,27 @@ def test_env_file_values_load_as_settings(tmp_path: Path) -> None:
 def test_worker_ids_that_would_break_key_names_are_refused(bad: str) -> None:
     with pytest.raises(InvalidRequest, match="IMAGEFN_WORKER_ID"):
         load_settings({"IMAGEFN_WORKER_ID": bad})
+
+
+def test_async_settings_load_and_refuse_a_zero_tick() -> None:
+    s = load_settings(
+        {
+            "IMAGEFN_RESULT_TTL_S": "60",
+            "IMAGEFN_RETRY_BASE_DELAY_S": "0.2",
+            "IMAGEFN_BATCH_TICK_S": "0.005",
+            "IMAGEFN_ASYNC_MAX_EVENT_BYTES": "1000",
+        }
+    ).asyncinv
+    assert (s.result_ttl_s, s.retry_base_delay_s, s.batch_tick_s, s.max_event_bytes) == (
+        60,
+        0.2,
+        0.005,
+        1000,
+    )
+    for name in (
+        "IMAGEFN_SCHEDULER_TICK_S",
+        "IMAGEFN_BATCH_TICK_S",
+        "IMAGEFN_DESTINATION_TIMEOUT_S",
+    ):
+        with pytest.raises(InvalidRequest, match=name):
+            load_settings({name: "0"})
