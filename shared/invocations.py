@@ -79,7 +79,10 @@ if done >= n or state == 'succeeded' or state == 'dead-lettered' or state == 'ex
 end
 redis.call('HSETNX', KEYS[1], 'meta', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'created_at', ARGV[3])
-if ARGV[6] == '1' and redis.call('HGET', KEYS[2], 'state') == 'cancelled' then
+-- An item of a cancelled batch that never finished ends cancelled; one that has its
+-- line already (dead-lettered, now redriven) runs: the user asked for it by name.
+if ARGV[6] == '1' and redis.call('HGET', KEYS[2], 'state') == 'cancelled'
+   and redis.call('HEXISTS', KEYS[3], ARGV[7]) == 0 then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'reason', 'the batch was cancelled',
     'updated_at', ARGV[3])
   redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -129,7 +132,9 @@ redis.call('EXPIRE', KEYS[1], ARGV[7])
 if ARGV[8] ~= '' then
   redis.call('SET', KEYS[2], ARGV[8], 'EX', ARGV[9])
 end
-if ARGV[10] == '1' and ARGV[13] ~= '' then
+-- Only while the batch is kept: a redriven item of an expired batch must not create
+-- batch keys that would never expire.
+if ARGV[10] == '1' and ARGV[13] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then
   if redis.call('HSETNX', KEYS[4], ARGV[11], ARGV[12]) == 1 then
     redis.call('HINCRBY', KEYS[3], ARGV[13], 1)
     local b = redis.call('HMGET', KEYS[3], 'total', 'succeeded', 'failed', 'cancelled', 'state')

@@ -290,3 +290,31 @@ async def test_a_gone_batch_is_forgotten(kit: Kit) -> None:
     await kit.redis.delete(kit.keys.batch(batch_id))
     await kit.feeder.tick()
     assert await kit.live() == []
+
+
+async def test_a_redriven_item_of_a_cancelled_batch_runs(kit: Kit) -> None:
+    batch_id = await kit.submit(4, max_concurrency=4)
+    await kit.feeder.tick()
+    items_ = await kit.taken()
+    await kit.run(items_[0], ok=False)  # dead-lettered: its line says failed
+    await kit.store.cancel(batch_id)
+    # The user redrives it by name after the cancel: it runs (it is not "not started").
+    redriven = replace(items_[0], attempt=2)
+    await kit.log.requeue(redriven.request_id)  # what a redrive does first
+    assert await kit.log.begin(redriven, "w") == "run"
+    # An item that never started still ends cancelled.
+    assert await kit.run(items_[1]) == "cancelled"
+
+
+async def test_a_redriven_item_of_an_expired_batch_leaves_no_batch_keys(kit: Kit) -> None:
+    batch_id = await kit.submit(2, max_concurrency=2)
+    await kit.feeder.tick()
+    first, _ = await kit.taken()
+    await kit.run(first, ok=False)
+    for key in (kit.keys.batch(batch_id), kit.keys.batch_results(batch_id)):
+        await kit.redis.delete(key)  # the batch's retention passed
+    await kit.log.requeue(first.request_id)  # what a redrive does first
+    assert await kit.run(replace(first, attempt=2)) == "ran"
+    assert not await kit.redis.exists(
+        kit.keys.batch(batch_id), kit.keys.batch_results(batch_id)
+    )
