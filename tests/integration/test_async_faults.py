@@ -31,6 +31,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from shared.keys import Keys
+from shared.retry import USER_ERRORS  # failures of the function itself: each uses a retry
 from tests.integration.conftest import (
     BACKENDS,
     Platform,
@@ -53,15 +54,6 @@ KILL_EVENTS = 30
 SLOW_EVENTS = 2
 RETRY_EVENTS = 8
 DEST_EVENTS = 20
-# Failures of the function itself (shared/retry.py): each uses one of its retries.
-USER_ERRORS = {
-    "UserCodeError",
-    "FunctionTimeout",
-    "UserProcessExited",
-    "OutOfMemory",
-    "ContainerStateExited",
-    "ResultTooLarge",
-}
 
 
 @pytest.fixture
