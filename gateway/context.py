@@ -13,13 +13,14 @@ from gateway.tokens import TokenIssuer
 from shared.concurrency import ConcurrencyLimiter
 from shared.invocations import InvocationLog
 from shared.logreader import LogReader
-from shared.queue.base import InvocationQueue
+from shared.queue.base import InvocationPublisher
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", aioredis.Redis)
-QUEUE = web.AppKey("queue", InvocationQueue)
+# Typed as the producer side: handlers publish and call, never consume.
+QUEUE = web.AppKey("queue", InvocationPublisher)
 REGISTRY = web.AppKey("registry", FunctionRegistry)
 IMAGES = web.AppKey("images", ImageResolver)
 # Signs registry tokens; absent when no signing key is configured (the token route then

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from shared.keys import Keys
 from shared.liveness import heartbeats
 from shared.messages import Heartbeat, MalformedMessage
-from shared.queue.base import InvocationQueue
+from shared.queue.base import InvocationPublisher
 
 log = structlog.get_logger("imagefn.routing")
 
@@ -55,7 +55,7 @@ def pick_worker(inventories: Mapping[str, Mapping[str, Mapping[str, int]]], key:
 
 class WarmRouter:
     def __init__(
-        self, client: aioredis.Redis, keys: Keys, queue: InvocationQueue | None = None
+        self, client: aioredis.Redis, keys: Keys, queue: InvocationPublisher | None = None
     ) -> None:
         self._r = client
         self._keys = keys

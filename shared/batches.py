@@ -47,6 +47,7 @@ from redis.exceptions import RedisError
 from shared.batch_scripts import ADVANCE, CANCEL, FAIL, SETTLE
 from shared.errors import BatchNotFound, InvalidRequest, ServiceUnavailable
 from shared.keys import Keys
+from shared.messages import BatchResultLine, batch_item_id
 from shared.settings import AsyncSettings
 
 # Items are pushed in chunks of at most this many items or bytes (one RPUSH each).
@@ -210,9 +211,7 @@ def status_doc(p: BatchProgress, now: float) -> dict[str, Any]:
 
 
 def cancelled_line(batch_id: str, index: int) -> bytes:
-    return _dumps(
-        {"index": index, "request_id": f"{batch_id}-{index}", "status": CANCELLED}
-    ).encode()
+    return BatchResultLine(index, batch_item_id(batch_id, index), CANCELLED).encode()
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 from shared.autopipe import AutoPipeline
 from shared.errors import InvocationNotFound
 from shared.keys import Keys
-from shared.messages import Invocation, InvocationResult
+from shared.messages import BatchResultLine, Invocation, InvocationResult
 from shared.retry import CANCELLED, failure_summary
 
 # KEYS: record. ARGV: meta, now, ttl, stale after (s). "new": created ("accepting");
@@ -243,7 +243,7 @@ class Outcome:
     result: dict[str, Any] | None = None
     # Terminal outcomes of batch items: "succeeded" or "failed", and the item's line.
     batch_counter: str = ""
-    batch_line: dict[str, Any] | None = None
+    batch_line: BatchResultLine | None = None
     # Terminal outcomes with a destination: where to, and the record to send.
     destination: dict[str, Any] | None = None
     destination_record: dict[str, Any] | None = None
@@ -300,7 +300,7 @@ class InvocationLog:
 
     async def begin(self, inv: Invocation, worker: str) -> str:
         """The attempt fence: "run", "duplicate" or "cancelled" (see the module text)."""
-        line = {"index": inv.index, "request_id": inv.request_id, "status": CANCELLED}
+        line = BatchResultLine(inv.index, inv.request_id, CANCELLED)
         got = await self._pipe.script(
             self._begin,
             [
@@ -316,7 +316,7 @@ class InvocationLog:
                 worker,
                 "1" if inv.batch else "0",
                 inv.index,
-                _dumps(line),
+                line.encode(),
             ],
         )
         return got.decode() if isinstance(got, bytes) else str(got)
@@ -346,7 +346,7 @@ class InvocationLog:
                 self._result_ttl_s,
                 "1" if inv.batch else "0",
                 inv.index,
-                "" if outcome.batch_line is None else _dumps(outcome.batch_line),
+                b"" if outcome.batch_line is None else outcome.batch_line.encode(),
                 outcome.batch_counter,
                 "" if outcome.destination is None else _dumps(outcome.destination),
                 "" if outcome.destination_record is None else _dumps(outcome.destination_record),

@@ -316,3 +316,50 @@ class ControlCommand:
             loaded = []
         images = [str(ref) for ref in loaded] if isinstance(loaded, list) else []
         return cls(targets=targets, images=images)
+
+
+def batch_item_id(batch_id: str, index: int) -> str:
+    """The request id of a batch's item: the batch's id and the item's index."""
+    return f"{batch_id}-{index}"
+
+
+@dataclass(frozen=True)
+class BatchResultLine:
+    """One item's outcome in a batch: the value of ``{p}:batch:{id}:results`` at its
+    index (written by the worker's scripts) and, unchanged, its line in
+    ``GET /v1/batches/{id}/results``."""
+
+    index: int
+    request_id: str
+    # "succeeded", "failed" or "cancelled".
+    status: str
+    # A success's answer (JSON when it parses, else text); a failure's error
+    # (type, message, reason).
+    result: Any = None
+    error: dict[str, Any] | None = None
+
+    def encode(self) -> bytes:
+        doc: dict[str, Any] = {
+            "index": self.index,
+            "request_id": self.request_id,
+            "status": self.status,
+        }
+        if self.status == "succeeded":
+            doc["result"] = self.result
+        if self.error is not None:
+            doc["error"] = self.error
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> BatchResultLine:
+        doc = _json_object(raw, "batch result line")
+        try:
+            return cls(
+                index=int(doc["index"]),
+                request_id=str(doc["request_id"]),
+                status=str(doc["status"]),
+                result=doc.get("result"),
+                error=doc.get("error"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise MalformedMessage(f"batch result line: {e}") from e

@@ -40,8 +40,8 @@ from shared.invocations import (
     result_doc,
     result_value,
 )
-from shared.messages import Invocation, InvocationResult
-from shared.queue.base import MAX_ATTEMPTS, Delivery, InvocationQueue
+from shared.messages import BatchResultLine, Invocation, InvocationResult
+from shared.queue.base import MAX_ATTEMPTS, Delivery, InvocationPublisher
 from shared.registry import FunctionRegistry
 from shared.retry import (
     EXPIRED,
@@ -104,7 +104,7 @@ class AsyncRunner:
     def __init__(
         self,
         worker_id: str,
-        queue: InvocationQueue,
+        queue: InvocationPublisher,
         invocations: InvocationLog,
         dead_letters: DeadLetters,
         settings: AsyncSettings,
@@ -211,7 +211,6 @@ class AsyncRunner:
                 "schedule_retry", lambda: self._queue.publish_at(nxt, decision.due_at)
             )
             return Outcome(attempt=attempt, state="retrying", next_at=decision.due_at)
-        line: dict[str, Any] = {"index": inv.index, "request_id": inv.request_id}
         if isinstance(decision, GiveUp):
             error = failure_summary(result) or {"type": "InternalError", "message": ""}
             earlier = await self._retrying(
@@ -219,7 +218,9 @@ class AsyncRunner:
             )
             entry = entry_of(inv, decision.state, decision.reason, [*earlier, attempt], now)
             await self._retrying("park", lambda: self._dlq.park(entry))
-            line.update(status="failed", error={**error, "reason": decision.reason})
+            line = BatchResultLine(
+                inv.index, inv.request_id, "failed", error={**error, "reason": decision.reason}
+            )
             dest = destination_for(inv, succeeded=False)
             return Outcome(
                 attempt=attempt,
@@ -232,7 +233,7 @@ class AsyncRunner:
                     destination_record(inv, decision.state, None, error, now) if dest else None
                 ),
             )
-        line.update(status=SUCCEEDED, result=result_value(result))
+        line = BatchResultLine(inv.index, inv.request_id, SUCCEEDED, result_value(result))
         dest = destination_for(inv, succeeded=True)
         return Outcome(
             attempt=attempt,

@@ -35,8 +35,8 @@ import structlog
 from shared.batches import RUNNING, BatchProgress, BatchStore
 from shared.errors import FunctionNotFound, ImagefnError, InvalidRequest, VersionNotFound
 from shared.keys import Keys
-from shared.messages import Invocation
-from shared.queue.base import InvocationQueue
+from shared.messages import Invocation, batch_item_id
+from shared.queue.base import InvocationPublisher
 from shared.registry import LATEST, FunctionRegistry
 from shared.settings import AsyncSettings
 from shared.spec import FunctionRecord
@@ -96,7 +96,7 @@ def item_invocation(
 ) -> Invocation:
     m = p.meta
     return Invocation(
-        request_id=f"{p.batch_id}-{index}",
+        request_id=batch_item_id(p.batch_id, index),
         record=record,
         kind="event",
         body=body,
@@ -124,7 +124,7 @@ class BatchFeeder:
     def __init__(
         self,
         redis: aioredis.Redis,
-        queue: InvocationQueue,
+        queue: InvocationPublisher,
         keys: Keys,
         registry: FunctionRegistry,
         settings: AsyncSettings,

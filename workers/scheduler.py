@@ -28,7 +28,7 @@ from shared.errors import ImagefnError
 from shared.invocations import InvocationLog
 from shared.keys import Keys
 from shared.lease import Lease
-from shared.queue.base import InvocationQueue
+from shared.queue.base import InvocationPublisher
 from shared.queue.factory import make_queue
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
@@ -48,7 +48,7 @@ class Scheduler:
     def __init__(
         self,
         redis: aioredis.Redis,
-        queue: InvocationQueue,
+        queue: InvocationPublisher,
         settings: Settings,
         feeder: BatchFeeder | None = None,
     ) -> None:

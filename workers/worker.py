@@ -40,7 +40,7 @@ from shared.invocations import InvocationLog
 from shared.keys import Keys
 from shared.liveness import announce
 from shared.messages import ControlCommand, Heartbeat, InvocationResult, MalformedMessage
-from shared.queue.base import MAX_ATTEMPTS, Delivery, InvocationQueue
+from shared.queue.base import MAX_ATTEMPTS, Delivery, InvocationConsumer, InvocationQueue
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
 from shared.spec import FunctionRecord
@@ -69,7 +69,9 @@ class Worker:
         self._settings = settings
         self._ws = settings.worker
         self.worker_id = settings.worker.worker_id
-        self._queue = queue
+        # The worker's own loops only consume; its async runner publishes retries.
+        self._queue: InvocationConsumer = queue
+        self._owned_queue = queue
         self._pool = pool
         self._runtime = runtime
         self._redis = redis
@@ -105,7 +107,7 @@ class Worker:
 
     async def run(self) -> None:
         log.info("worker_starting", worker=self.worker_id)
-        await self._queue.open()
+        await self._owned_queue.open()
         await self._heartbeat_once()
         # A worker restarted under the same id finds its previous run's containers: none of
         # them belongs to this run, so they go too.

@@ -47,7 +47,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from shared.errors import QueueUnavailable
 from shared.messages import Invocation, InvocationResult
@@ -79,6 +79,32 @@ def raising_queue_unavailable(
     return wrap
 
 
+class InvocationPublisher(Protocol):
+    """The producer side of the queue: what gateways use (publish, call), and the
+    scheduler and a worker scheduling a retry (publish_at, release_due, publish_many).
+    Code that only produces is typed against this, so it cannot consume."""
+
+    async def publish(self, invocation: Invocation, worker: str | None = None) -> None: ...
+    async def publish_many(self, invocations: Sequence[Invocation]) -> None: ...
+    async def publish_at(self, invocation: Invocation, due_at: float) -> None: ...
+    async def release_due(self, now: float, max_count: int) -> int: ...
+    async def call(
+        self, invocation: Invocation, timeout_s: float, worker: str | None = None
+    ) -> InvocationResult | None: ...
+    def reply_address(self) -> str: ...
+    def learn_consumers(self, infos: Mapping[str, Mapping[str, Any]]) -> None: ...
+
+
+class InvocationConsumer(Protocol):
+    """The consumer side of the queue: what a worker's loops use."""
+
+    def consumer_info(self) -> dict[str, Any]: ...
+    async def consume(self, consumer: str, max_count: int, block_s: float) -> list[Delivery]: ...
+    async def reclaim(self, consumer: str, max_count: int) -> list[Delivery]: ...
+    async def keep_alive(self, consumer: str, deliveries: list[Delivery]) -> None: ...
+    async def finish(self, delivery: Delivery, result: InvocationResult | None) -> None: ...
+
+
 @dataclass(frozen=True)
 class Delivery:
     invocation: Invocation
@@ -89,7 +115,9 @@ class Delivery:
 
 
 class InvocationQueue(ABC):
-    """Abstract base of every queue backend; see the module text for its promises.
+    """Abstract base of every queue backend; see the module text for its promises. A
+    backend is both an ``InvocationPublisher`` and an ``InvocationConsumer``; it is opened
+    and closed by whoever owns it (the process's composition root).
 
     ``call`` is implemented here once: a backend delivers a result to the waiting call by
     handing it to ``_resolve`` with the invocation's ``call_id``.

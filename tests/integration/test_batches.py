@@ -16,7 +16,7 @@ from shared.batches import BatchStore
 from shared.errors import InvalidRequest
 from shared.invocations import InvocationLog, Outcome
 from shared.keys import Keys
-from shared.messages import Invocation
+from shared.messages import BatchResultLine, Invocation
 from shared.queue.memory import MemoryQueue
 from shared.registry import FunctionRegistry
 from shared.settings import AsyncSettings
@@ -66,11 +66,11 @@ class Kit:
         return "ran"
 
     async def finish(self, inv: Invocation, ok: bool = True) -> None:
-        line: dict[str, Any] = {"index": inv.index, "request_id": inv.request_id}
         if ok:
-            line.update(status="succeeded", result={"n": inv.index})
+            line = BatchResultLine(inv.index, inv.request_id, "succeeded", {"n": inv.index})
         else:
-            line.update(status="failed", error={"type": "UserCodeError", "message": "no"})
+            error = {"type": "UserCodeError", "message": "no"}
+            line = BatchResultLine(inv.index, inv.request_id, "failed", error=error)
         outcome = Outcome(
             attempt={"attempt": inv.attempt, "status": 200 if ok else 502},
             state="succeeded" if ok else "dead-lettered",

@@ -9,11 +9,13 @@ import pytest
 
 from shared.errors import FunctionTimeout, UserCodeError
 from shared.messages import (
+    BatchResultLine,
     ControlCommand,
     Heartbeat,
     Invocation,
     InvocationResult,
     MalformedMessage,
+    batch_item_id,
 )
 
 from .helpers import make_record
@@ -279,3 +281,15 @@ def test_control_command_without_or_with_garbled_images_still_sets_targets() -> 
 def test_control_command_garbage_is_a_value_error(fields: dict[bytes, bytes]) -> None:
     with pytest.raises(MalformedMessage):
         ControlCommand.decode(fields)
+
+
+def test_batch_result_lines_round_trip_and_refuse_garbage() -> None:
+    ok = BatchResultLine(3, batch_item_id("b-1", 3), "succeeded", {"x": [1]})
+    assert ok.request_id == "b-1-3"
+    assert BatchResultLine.decode(ok.encode()) == ok
+    failed = BatchResultLine(4, "b-1-4", "failed", error={"type": "UserCodeError"})
+    assert b'"result"' not in failed.encode()
+    assert BatchResultLine.decode(failed.encode()) == failed
+    for raw in (b"[]", b'{"index": 1}', b"nope"):
+        with pytest.raises(MalformedMessage):
+            BatchResultLine.decode(raw)
