@@ -180,7 +180,8 @@ def cmd_batch_submit(args: argparse.Namespace, settings: Settings) -> None:
         flush=True,
     )
     if args.follow:
-        follow(args, batch_id)
+        # On stderr: stdout carries only the batch id, for scripts (id=$(... --follow)).
+        follow(args, batch_id, out=sys.stderr)
 
 
 def _json(raw: bytes) -> dict[str, Any]:

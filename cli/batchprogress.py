@@ -122,10 +122,11 @@ def _follow_rich(polls: Iterator[dict[str, Any]], out: TextIO, batch_id: str) ->
     return doc
 
 
-def follow(args: argparse.Namespace, batch_id: str) -> None:
-    """Show the batch's progress until it ends; a batch that did not complete cleanly
-    (failed items, cancelled) is a non-zero exit, so that scripts notice."""
-    out = sys.stdout
+def follow(args: argparse.Namespace, batch_id: str, out: TextIO | None = None) -> None:
+    """Show the batch's progress on ``out`` (stdout by default) until it ends; a batch
+    that did not complete cleanly (failed items, cancelled) is a non-zero exit, so that
+    scripts notice."""
+    out = out or sys.stdout
     polls = _polls(args, batch_id)
     try:
         if _interactive(out):
@@ -148,7 +149,7 @@ def follow(args: argparse.Namespace, batch_id: str) -> None:
         f"{doc.get('succeeded', 0)} succeeded, {doc.get('failed', 0)} failed, "
         f"{doc.get('cancelled', 0)} cancelled of {doc.get('total', '?')}"
     )
-    print(f"batch {batch_id} {doc.get('state')}{took}: {counts}", flush=True)
+    print(f"batch {batch_id} {doc.get('state')}{took}: {counts}", file=out, flush=True)
     if doc.get("state") != "completed" or doc.get("failed"):
         raise CliError(
             f"batch {batch_id} {doc.get('state')} with {doc.get('failed', 0)} failed and "
