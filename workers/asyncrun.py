@@ -44,6 +44,7 @@ from shared.messages import BatchResultLine, Invocation, InvocationResult
 from shared.queue.base import MAX_ATTEMPTS, Delivery, InvocationPublisher
 from shared.registry import FunctionRegistry
 from shared.retry import (
+    DEAD_LETTERED,
     EXPIRED,
     SUCCEEDED,
     Decision,
@@ -145,12 +146,12 @@ class AsyncRunner:
             result = InvocationResult.failure(
                 inv.request_id, FunctionNotFound(f"function {inv.function} was deleted")
             )
-            decision = GiveUp("dead-lettered", "the function was deleted before it ran")
+            decision = GiveUp(DEAD_LETTERED, "the function was deleted before it ran")
         elif d.attempt > MAX_ATTEMPTS:
             result = InvocationResult.failure(
                 inv.request_id, InternalError(f"abandoned after {d.attempt} deliveries")
             )
-            decision = GiveUp("dead-lettered", "it crashed every worker that ran it")
+            decision = GiveUp(DEAD_LETTERED, "it crashed every worker that ran it")
         else:
             result = await self._invoke_within_limit(inv, invoke)
             decision = decide(inv, result, time.time(), self._delays)
