@@ -45,7 +45,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared.batch_scripts import ADVANCE, CANCEL, FAIL, SETTLE
-from shared.errors import BatchNotFound, InvalidRequest, ServiceUnavailable
+from shared.errors import BatchNotFound, InvalidRequest, RequestTooLarge, ServiceUnavailable
 from shared.keys import Keys
 from shared.messages import BatchResultLine, batch_item_id
 from shared.settings import AsyncSettings
@@ -261,12 +261,22 @@ class BatchStore:
         total = 0
         chunk: list[bytes] = []
         size = 0
+        stored = 0
         # One chunk is written while the next is parsed: Redis works on its own core.
         writing: asyncio.Task[None] | None = None
         try:
             async for item in items:
                 chunk.append(item)
                 size += len(item)
+                stored += len(item)
+                if stored > self._settings.batch_max_bytes:
+                    # Redis holds every item until it is fed: a bound keeps one batch
+                    # from filling its memory.
+                    raise RequestTooLarge(
+                        f"the batch's items exceed {self._settings.batch_max_bytes} bytes in all "
+                        f"(IMAGEFN_BATCH_MAX_BYTES) at item {total + len(chunk) - 1}; "
+                        "split it into several batches"
+                    )
                 if len(chunk) >= STAGE_ITEMS or size >= STAGE_BYTES:
                     if writing is not None:
                         await writing

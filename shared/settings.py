@@ -182,6 +182,8 @@ class AsyncSettings:
     batch_max_concurrency: int = 32
     batch_rate_per_function: int = 5000
     batch_max_items: int = 1_000_000
+    # The items of one batch in all (compact JSON), held in Redis until they are fed.
+    batch_max_bytes: int = 256 * MiB
     # How long a finished batch (its counters and results) is kept.
     batch_ttl_s: int = 86400
     # Destinations: tries per record and the time one HTTP POST may take.
@@ -333,6 +335,7 @@ def _async_settings(env: Mapping[str, str]) -> AsyncSettings:
             env, "IMAGEFN_BATCH_RATE_PER_FUNCTION", a.batch_rate_per_function
         ),
         batch_max_items=_positive(env, "IMAGEFN_BATCH_MAX_ITEMS", a.batch_max_items),
+        batch_max_bytes=_positive(env, "IMAGEFN_BATCH_MAX_BYTES", a.batch_max_bytes),
         batch_ttl_s=_positive(env, "IMAGEFN_BATCH_TTL_S", a.batch_ttl_s),
         destination_attempts=_positive(
             env, "IMAGEFN_DESTINATION_ATTEMPTS", a.destination_attempts

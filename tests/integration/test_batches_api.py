@@ -17,7 +17,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import build_app
 from shared.keys import Keys
 from shared.queue.memory import MemoryQueue
-from shared.settings import GatewaySettings, QueueSettings, RedisSettings, Settings
+from shared.settings import (
+    AsyncSettings,
+    GatewaySettings,
+    QueueSettings,
+    RedisSettings,
+    Settings,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -143,6 +149,36 @@ async def test_an_oversized_item_names_the_limit(api: Api) -> None:
     assert (doc["error"]["item"], doc["error"]["line"]) == (2, 3)
     assert "131072 bytes (max_event_bytes" in doc["error"]["message"]
     assert await api.batch_keys() == []
+
+
+async def test_a_batch_over_its_byte_limit_names_the_limit_and_leaves_nothing(
+    redis_url: str,
+) -> None:
+    prefix = f"ba-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        redis=RedisSettings(url=redis_url),
+        queue=QueueSettings(prefix=prefix),
+        gateway=GatewaySettings(check_images=False),
+        asyncinv=AsyncSettings(batch_max_bytes=100_000),
+    )
+    client = TestClient(TestServer(build_app(settings, queue=MemoryQueue())))
+    await client.start_server()
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        resp = await client.put("/v1/functions/fn", json=SPEC)
+        assert resp.status == 201
+        # 20,000 items of 10 bytes: over the 100,000 bytes allowed in all.
+        resp = await client.post("/v1/functions/fn/batches", data=ndjson(20_000))
+        doc = await resp.json()
+        assert resp.status == 413, doc
+        assert "100000 bytes in all (IMAGEFN_BATCH_MAX_BYTES)" in doc["error"]["message"]
+        assert [k async for k in redis.scan_iter(f"{prefix}:batch*")] == []
+    finally:
+        await client.close()
+        leftover = [k async for k in redis.scan_iter(f"{prefix}:*")]
+        if leftover:
+            await redis.delete(*leftover)
+        await redis.aclose()
 
 
 async def test_refusals_before_the_body(api: Api) -> None:
