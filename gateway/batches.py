@@ -31,6 +31,7 @@ from gateway.batchparse import AUTO, NDJSON, parse_batch
 from gateway.context import REDIS, REGISTRY, REQUEST_ID, SETTINGS
 from gateway.errors import error_body
 from gateway.logs import parse_bool
+from gateway.params import whole_number
 from shared.batches import BatchStore
 from shared.errors import BatchNotFound, ImagefnError, InvalidRequest, ServiceUnavailable
 from shared.keys import Keys
@@ -77,14 +78,7 @@ def _known(query: Mapping[str, str], known: tuple[str, ...]) -> None:
 
 
 def _whole(query: Mapping[str, str], name: str, bounds: tuple[int, int], default: int) -> int:
-    raw = query.get(name)
-    if raw is None:
-        return default
-    low, high = bounds
-    # isascii: str.isdigit() also holds for digits int() refuses, such as "²".
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
-        raise InvalidRequest(f"{name}: {raw!r} is not a whole number from {low} to {high}")
-    return int(raw)
+    return whole_number(query, name, default, *bounds)
 
 
 def parse_submit_params(query: Mapping[str, str], settings: AsyncSettings) -> SubmitParams:

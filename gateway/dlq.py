@@ -19,6 +19,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway.context import INVOCATIONS, QUEUE, REDIS, REGISTRY, SETTINGS
+from gateway.params import whole_number
 from shared.deadletter import DeadLetters, invocation_for_redrive, public
 from shared.errors import InvalidRequest, InvocationNotFound, ServiceUnavailable
 from shared.keys import Keys
@@ -36,20 +37,11 @@ def _dlq(request: web.Request) -> DeadLetters:
     return DeadLetters(request.app[REDIS], Keys(request.app[SETTINGS].queue.prefix))
 
 
-def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
-        raise InvalidRequest(f"query parameter {name}: a whole number from {low} to {high}")
-    return int(raw)
-
-
 @routes.get("/v1/functions/{name}/dlq")
 async def list_dead_letters(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    limit = _int_param(request, "limit", 100, 0, MAX_LIMIT)
-    offset = _int_param(request, "offset", 0, 0, 10**9)
+    limit = whole_number(request.query, "limit", 100, 0, MAX_LIMIT)
+    offset = whole_number(request.query, "offset", 0, 0, 10**9)
     try:
         count, entries = await _dlq(request).page(name, limit, offset)
     except RedisError as e:
