@@ -2,31 +2,36 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 from typing import Any
 
-import yaml
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway.context import IMAGES, INVOCATIONS, REGISTRY
 from gateway.errors import log
-from shared.errors import ImagefnError, InvalidRequest, InvalidSpec, ServiceUnavailable
+from gateway.specbody import MAX_SPEC_BYTES, parse_spec_body
+from shared.errors import (
+    ImagefnError,
+    InvalidRequest,
+    InvalidSpec,
+    RequestTooLarge,
+    ServiceUnavailable,
+)
 from shared.spec import parse_spec
 
 routes = web.RouteTableDef()
 
 
 async def _document(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > MAX_SPEC_BYTES:
+        raise RequestTooLarge(
+            f"a spec body is at most {MAX_SPEC_BYTES} bytes; this one is "
+            f"{request.content_length} bytes"
+        )
     raw = await request.read()
-    ctype = request.content_type or ""
-    try:
-        if "yaml" in ctype:
-            return yaml.safe_load(raw.decode("utf-8"))
-        return json.loads(raw or b"null")
-    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as e:
-        kind = "YAML" if "yaml" in ctype else "JSON"
-        raise InvalidRequest(f"request body is not valid {kind}: {e}") from None
+    # Off the event loop: parsing is CPU work, and other requests must not wait for it.
+    return await asyncio.to_thread(parse_spec_body, raw, request.content_type or "")
 
 
 @routes.get("/v1/functions")

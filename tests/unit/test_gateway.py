@@ -121,6 +121,22 @@ async def test_unparseable_body_is_invalid_request(
     assert f"not valid {kind}" in err["message"]
 
 
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "says"),
+    [
+        (b"a: &a [1,1,1]\nb: [*a,*a]\n", "application/yaml", 400, "aliases"),
+        # Within this gateway's 4 KB body limit (the spec limit is tested in test_specbody).
+        (b"[" * 1500 + b"]" * 1500, "application/json", 400, "nests deeper"),
+    ],
+)
+async def test_hostile_spec_bodies_are_clear_errors(
+    gw: Gateway, body: bytes, ctype: str, status: int, says: str
+) -> None:
+    resp = await gw.client.put("/v1/functions/x", data=body, headers={"Content-Type": ctype})
+    assert resp.status == status
+    assert says in (await resp.json())["error"]["message"]
+
+
 async def test_unknown_function_is_404(gw: Gateway) -> None:
     resp = await gw.client.get("/v1/functions/ghost")
     err = await error_of(resp, 404, "FunctionNotFound")
