@@ -21,7 +21,12 @@ from shared.errors import (
     ServiceUnavailable,
     error_from_dict,
 )
-from shared.http import REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER, strip_hop_by_hop
+from shared.http import (
+    REQUEST_ID_HEADER,
+    SCF_REQUEST_ID_HEADER,
+    forwarded_headers,
+    strip_hop_by_hop,
+)
 from shared.messages import Invocation, InvocationResult
 from shared.registry import LATEST
 from shared.spec import FunctionRecord
@@ -215,15 +220,9 @@ async def invoke_web(request: web.Request) -> web.Response:
     path = raw_path[len(prefix) :] if raw_path.startswith(prefix) else "/"
     if not path.startswith("/"):
         path = "/" + path
-    headers = strip_hop_by_hop(request.headers.items())
-    peer = request.remote or ""
-    headers += [
-        # The function sees the Host the caller used, as behind any reverse proxy.
-        ("Host", request.host),
-        ("X-Forwarded-For", peer),
-        ("X-Forwarded-Host", request.host),
-        ("X-Forwarded-Proto", request.scheme),
-    ]
+    headers = forwarded_headers(
+        request.headers.items(), request.remote or "", request.host, request.scheme
+    )
     request_id: str = request[REQUEST_ID]
     wait_s = _wait_s(request, record)
     inv = Invocation(

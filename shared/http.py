@@ -39,3 +39,36 @@ REQUEST_ID_HEADER = "X-Request-Id"
 CALLER_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}\Z")
 SCF_REQUEST_ID_HEADER = "X-Scf-Request-Id"
 SCF_ERROR_TYPE_HEADER = "X-Scf-Error-Type"
+
+# Set by the gateway alone: a caller's own values would let it claim another address,
+# host or scheme to the function.
+FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "forwarded"})
+
+
+def forwarded_headers(
+    caller: Iterable[tuple[str, str]], peer: str, host: str, scheme: str
+) -> list[tuple[str, str]]:
+    """What a web function receives of the caller's headers: hop-by-hop ones dropped;
+    X-Scf-* (the platform's own) and any header name with an underscore (which some
+    servers read as a dash, so ``X_Scf_Request_Id`` could pass for ``X-Scf-Request-Id``)
+    dropped; X-Forwarded-* built here, the caller's X-Forwarded-For appended to, never
+    trusted as it is."""
+    prior: list[str] = []
+    out: list[tuple[str, str]] = []
+    for k, v in strip_hop_by_hop(caller):
+        low = k.lower()
+        if low == "x-forwarded-for":
+            prior.append(v.strip())
+        elif low in FORWARDED or low.startswith("x-scf-") or "_" in k:
+            continue
+        else:
+            out.append((k, v))
+    chain = ", ".join([*[p for p in prior if p], peer]) if peer else ", ".join(prior)
+    out += [
+        # The function sees the Host the caller used, as behind any reverse proxy.
+        ("Host", host),
+        ("X-Forwarded-For", chain),
+        ("X-Forwarded-Host", host),
+        ("X-Forwarded-Proto", scheme),
+    ]
+    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.http import strip_hop_by_hop
+from shared.http import forwarded_headers, strip_hop_by_hop
 
 
 def test_hop_by_hop_and_framing_headers_are_removed() -> None:
@@ -64,3 +64,28 @@ def test_end_to_end_headers_keep_order_case_and_repeats() -> None:
 def test_accepts_any_iterable_once() -> None:
     gen = (h for h in [("Connection", "X-A"), ("X-A", "1"), ("X-B", "2")])
     assert strip_hop_by_hop(gen) == [("X-B", "2")]
+
+
+def test_forwarded_headers_are_the_gateways_own() -> None:
+    caller = [
+        ("Accept", "text/html"),
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("X-Forwarded-Host", "evil.example"),
+        ("X-Forwarded-Proto", "https"),
+        ("Forwarded", "for=1.2.3.4"),
+        ("x-scf-request-id", "forged"),
+        ("X-SCF-Name", "other"),
+        ("X_Scf_Request_Id", "forged-too"),
+        ("My_Header", "x"),
+        ("Connection", "close"),
+    ]
+    got = forwarded_headers(caller, "127.0.0.1", "app.test:8080", "http")
+    assert got == [
+        ("Accept", "text/html"),
+        ("Host", "app.test:8080"),
+        # The caller's value is kept as history, the peer the gateway saw appended.
+        ("X-Forwarded-For", "203.0.113.9, 127.0.0.1"),
+        ("X-Forwarded-Host", "app.test:8080"),
+        ("X-Forwarded-Proto", "http"),
+    ]
+    assert forwarded_headers([], "10.0.0.1", "h", "http")[1] == ("X-Forwarded-For", "10.0.0.1")
