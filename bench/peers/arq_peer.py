@@ -31,6 +31,7 @@ from arq.jobs import deserialize_result
 from common import (
     EVENT,
     RunResult,
+    clean_up,
     flush_redis_db,
     hard_deadline,
     host_idle,
@@ -38,7 +39,6 @@ from common import (
     noop_container,
     report,
     start_worker,
-    stop_worker,
     tail,
 )
 
@@ -194,26 +194,9 @@ def run_once(
         t0, t_sub, t_done, errors, idle = asyncio.run(
             asyncio.wait_for(_drive(port, items, timeout, procs, logs), timeout + 90)
         )
-        return RunResult(
-            system="arq",
-            items=items,
-            submit_items_per_s=items / (t_sub - t0),
-            complete_items_per_s=items / (t_done - t0),
-            errors=errors,
-            config=config,
-            submit_s=t_sub - t0,
-            complete_s=t_done - t0,
-            host_idle_before=idle,
-        )
+        return RunResult.timed("arq", items, config, (t0, t_sub, t_done), errors, idle)
     finally:
-        for proc in procs:
-            stop_worker(proc)
-        flush_redis_db(REDIS_URL)
-        for log in logs:
-            try:
-                os.unlink(log)
-            except OSError:
-                pass
+        clean_up(procs, logs, REDIS_URL)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from celery.result import AsyncResult, ResultSet
 from common import (
     EVENT,
     RunResult,
+    clean_up,
     flush_redis_db,
     hard_deadline,
     host_idle,
@@ -33,7 +34,6 @@ from common import (
     noop_container,
     report,
     start_worker,
-    stop_worker,
     tail,
 )
 
@@ -145,26 +145,9 @@ def run_once(
         )
         t_done = time.perf_counter()
         errors = sum(1 for v in values if v != 200)
-        return RunResult(
-            system="celery",
-            items=items,
-            submit_items_per_s=items / (t_sub - t0),
-            complete_items_per_s=items / (t_done - t0),
-            errors=errors,
-            config=config,
-            submit_s=t_sub - t0,
-            complete_s=t_done - t0,
-            host_idle_before=idle,
-        )
+        return RunResult.timed("celery", items, config, (t0, t_sub, t_done), errors, idle)
     finally:
-        for proc in procs:
-            stop_worker(proc)
-        flush_redis_db(REDIS_URL)
-        for log in logs:
-            try:
-                os.unlink(log)
-            except OSError:
-                pass
+        clean_up(procs, logs, REDIS_URL)
 
 
 def main() -> None:

@@ -45,6 +45,30 @@ class RunResult:
     host_idle_before: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def timed(
+        cls,
+        system: str,
+        items: int,
+        config: str,
+        times: tuple[float, float, float],
+        errors: int,
+        idle: float,
+    ) -> RunResult:
+        """From the run's (start, submitted, done) perf_counter times."""
+        t0, t_sub, t_done = times
+        return cls(
+            system=system,
+            items=items,
+            submit_items_per_s=items / (t_sub - t0),
+            complete_items_per_s=items / (t_done - t0),
+            errors=errors,
+            config=config,
+            submit_s=t_sub - t0,
+            complete_s=t_done - t0,
+            host_idle_before=idle,
+        )
+
 
 def make_parser(system: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=f"{system}: N no-op HTTP items through a Redis queue")
@@ -145,6 +169,19 @@ def start_worker(
         )
     finally:
         log.close()  # the child has its own copy of the descriptor
+
+
+def clean_up(procs: list[subprocess.Popen[bytes]], logs: list[str], redis_url: str) -> None:
+    """After a run, whatever happened: workers stopped, the peer's Redis DB flushed,
+    worker logs removed."""
+    for proc in procs:
+        stop_worker(proc)
+    flush_redis_db(redis_url)
+    for log in logs:
+        try:
+            os.unlink(log)
+        except OSError:
+            pass
 
 
 def stop_worker(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
