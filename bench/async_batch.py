@@ -18,8 +18,10 @@ In one run on one machine:
 
 The platform is ``imagefn up`` (gateway, worker, cold-start manager, scheduler) with a
 registry of this run, on its own Redis prefix (``bench/foundation.py``'s Platform and
-BenchRegistry). Targets (issue 9): submission >= 20,000 items/s; completion >= 1,000
-items/s and >= the synchronous saturation throughput of the same run.
+BenchRegistry), with a bootstrap admin key of its own that every request to the gateway
+carries (``Authorization: Bearer``; the peers never talk to the gateway). Targets (issue
+9): submission >= 20,000 items/s; completion >= 1,000 items/s and >= the synchronous
+saturation throughput of the same run.
 
 Usage: ``.venv/bin/python bench/async_batch.py [--backend redis|kafka] [--json FILE]``
 (after deploy/setup.sh; the peers need ``pip install -e '.[bench]'``).
@@ -56,6 +58,7 @@ from foundation import (  # the sibling script, found through sys.path
     post_gateway,
     saturate,
 )
+from peers.common import local_redis_url
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS = REPO / "bench/peers"
@@ -219,11 +222,15 @@ async def amain(a: argparse.Namespace) -> int:
         await ctl.deploy(fn_spec(name, fn_image, max_instances=a.instances, idle_ttl_s=3600))
         url = f"{plat.url}/v1/functions/{name}/invoke"
         log(f"1. synchronous saturation: {a.clients} clients, {a.duration:g} s")
-        await saturate(lambda s, _i: post_gateway(s, url), a.clients, 2.0)  # warm-up
-        res["sync"] = await saturate(lambda s, _i: post_gateway(s, url), a.clients, a.duration)
+        # Every request to the gateway carries the run's admin key (plat.auth_headers).
+        auth = plat.auth_headers
+        await saturate(lambda s, _i: post_gateway(s, url), a.clients, 2.0, auth)  # warm-up
+        res["sync"] = await saturate(
+            lambda s, _i: post_gateway(s, url), a.clients, a.duration, auth
+        )
         log(f"   {res['sync']['rps']:.0f} inv/s")
         log(f"2. batch of {a.items} items")
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=auth) as session:
             res["batch"] = await run_batch(session, plat.url, name, a.items, a.concurrency)
         b = res["batch"]
         log(
@@ -273,7 +280,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--image", default="imagefn-examples/hello-event:latest")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--redis-url", default=local_redis_url(0))
     p.add_argument("--no-peers", action="store_true")
     p.add_argument(
         "--env",

@@ -29,11 +29,14 @@ One run, one machine, three measurements (see bench/README.md):
 Function images live in the platform registry. The script starts its own: signing keys
 in a temporary directory, a token-auth ``docker-registry`` on a free port whose realm is
 the bench platform's own gateway token route, then ``imagefn up`` on a free port under a
-unique Redis prefix and worker id, with the registry settings in its environment. It
-pushes the bench image as the deployer and deploys functions by repository name. At the
-end it removes everything it created: functions, containers, the images it tagged or
-pulled, the registry process and its directory (keys, storage, the throwaway Docker CLI
-config), and the Redis keys under its prefix. All traffic goes to 127.0.0.1.
+unique Redis prefix and worker id, with the registry settings and a bootstrap admin key
+of its own (``IMAGEFN_ADMIN_KEY``, random per run, never printed) in its environment;
+every request to the gateway carries that key (``Authorization: Bearer``), requests
+straight to a container do not. It pushes the bench image as the deployer and deploys
+functions by repository name. At the end it removes everything it created: functions,
+containers, the images it tagged or pulled, the registry process and its directory (keys,
+storage, the throwaway Docker CLI config), and the Redis keys under its prefix. All
+traffic goes to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import os
 import platform
 import random
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -68,6 +72,8 @@ import redis.asyncio as aioredis
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from peers.common import local_redis_url  # noqa: E402  (bench/peers, beside this script)
 
 from tests.integration.registry_support import (  # noqa: E402
     make_token_keys,
@@ -263,6 +269,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def new_admin_key() -> str:
+    """A bootstrap admin key for one bench platform, in the platform's key format
+    (``ifn_<12 hex>_<secret>``): random per run, never printed or written to a report."""
+    return "ifn_" + secrets.token_hex(6) + "_" + secrets.token_urlsafe(32)
+
+
 class Platform:
     """``imagefn up`` as a subprocess with its own port, Redis prefix and worker id."""
 
@@ -282,6 +294,15 @@ class Platform:
         self.proc: subprocess.Popen[bytes] | None = None
         self._logf: Any = None
         self.pause_after_s: float = 0
+        # The gateway requires an API key on every /v1/ route: the platform gets this one
+        # as its bootstrap admin key (IMAGEFN_ADMIN_KEY) and the bench sends it.
+        self.admin_key = new_admin_key()
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """The header every request to this platform's gateway carries (not the requests
+        straight to a container: those never pass the gateway)."""
+        return {"Authorization": f"Bearer {self.admin_key}"}
 
     def command(self) -> list[str]:
         if self.profile:
@@ -339,6 +360,9 @@ class Platform:
                 # would not answer. Only the wake part (5) sets it (to 1 s).
                 "IMAGEFN_PAUSE_AFTER_S": f"{pause_after_s:g}",
                 "IMAGEFN_LOG_LEVEL": self.log_level,
+                # Wins over the credentials file `imagefn up` reads (the environment
+                # does), so the bench knows the key without reading that file.
+                "IMAGEFN_ADMIN_KEY": self.admin_key,
             }
         )
         # Started before any measurement: blocking calls are harmless here.
@@ -518,7 +542,9 @@ class Control:
 
     def __init__(self, plat: Platform) -> None:
         self.plat = plat
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        self.session = aiohttp.ClientSession(
+            headers=plat.auth_headers, timeout=aiohttp.ClientTimeout(total=60)
+        )
         self.deployed: set[str] = set()
 
     async def deploy(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -580,10 +606,15 @@ async def instance_ports(docker: aiodocker.Docker, worker_id: str, function: str
 # -- request helpers -------------------------------------------------------------------------
 
 
-def keepalive_session(limit: int = 8) -> aiohttp.ClientSession:
+def keepalive_session(
+    limit: int = 8, headers: dict[str, str] | None = None
+) -> aiohttp.ClientSession:
+    """``headers``: ``Platform.auth_headers`` for a session to the gateway, None for one
+    straight to containers."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=120),
         timeout=aiohttp.ClientTimeout(total=30),
+        headers=headers,
     )
 
 
@@ -647,7 +678,7 @@ async def bench_warm(
     errors = {"gateway": 0, "direct": 0}
     unexpected_cold = 0
     instances_seen = {instance}
-    async with keepalive_session() as gs, keepalive_session() as ds:
+    async with keepalive_session(headers=plat.auth_headers) as gs, keepalive_session() as ds:
         for _ in range(warmup):
             await post_gateway(gs, gw_url)
             await post_direct(ds, direct_url)
@@ -799,7 +830,8 @@ class ColdBench:
                     cpus=1.0,
                     pids_limit=1024,
                     nofile_limit=1024,
-                    tmpfs_size_mb=512,
+                    tmp_mb=512,
+                    network="imagefn-fn",  # the platform's (deploy/network.sh)
                 ).to_docker()
                 return body
 
@@ -977,13 +1009,16 @@ async def saturate(
     request: Callable[[aiohttp.ClientSession, int], Awaitable[Sample]],
     clients: int,
     duration_s: float,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """``headers``: ``Platform.auth_headers`` when ``request`` goes to the gateway, None
+    when it goes straight to containers."""
     loop = asyncio.get_running_loop()
     lat: list[float] = []
     errors: dict[str, int] = {}
     instances: dict[str, int] = {}
     cold = 0
-    async with keepalive_session(limit=clients + 4) as session:
+    async with keepalive_session(limit=clients + 4, headers=headers) as session:
         t0 = loop.time()
         stop_at = t0 + duration_s
 
@@ -1029,7 +1064,7 @@ async def bench_throughput(
     await ctl.deploy(fn_spec(multi, image, max_instances=instances))
     # Warm up until the function has all its instances (bounded).
     gw_multi = f"{plat.url}/v1/functions/{multi}/invoke"
-    async with keepalive_session(limit=clients + 4) as s:
+    async with keepalive_session(limit=clients + 4, headers=plat.auth_headers) as s:
         for _ in range(20):
             await asyncio.gather(*(post_gateway(s, gw_multi) for _ in range(clients)))
             if len(await instance_ports(docker, plat.worker_id, multi)) >= instances:
@@ -1069,10 +1104,16 @@ async def bench_throughput(
             1,
         ),
     ]
+
+    def headers_of(key: str) -> dict[str, str] | None:
+        # The gateway rows send the run's key; the direct rows go to the containers,
+        # which never see a platform credential, so they send none (as before).
+        return plat.auth_headers if key.startswith("gw") else None
+
     # A short warm-up of every path, then each configuration in two halves in ABBA order
     # within its pair, so that drift and background load hit both sides alike.
-    for _key, _d, req, c in configs:
-        await saturate(req, c, min(1.0, duration_s / 4))
+    for key, _d, req, c in configs:
+        await saturate(req, c, min(1.0, duration_s / 4), headers_of(key))
     parts: dict[str, list[tuple[dict[str, Any], dict[str, float]]]] = {k: [] for k, *_ in configs}
     half = duration_s / 2
     schedule = [
@@ -1084,7 +1125,7 @@ async def bench_throughput(
     for key in schedule:
         _d, req, c = by_key[key]
         with CpuWindow(plat.pid) as cpu:
-            r = await saturate(req, c, half)
+            r = await saturate(req, c, half, headers_of(key))
         parts[key].append((r, cpu.result))
         log(f"throughput {key}: {r['rps']:.0f}/s over {r['elapsed_s']:.1f} s")
     out: dict[str, Any] = {"clients": clients, "duration_s": duration_s, "rows": {}}
@@ -1971,7 +2012,7 @@ def render(machine: dict[str, Any], cmd: str, res: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--redis-url", default=local_redis_url(0))
     p.add_argument("--image", default=DEFAULT_IMAGE, help="event-function image (no-op-ish)")
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run <= 60 s")
     p.add_argument("--json", metavar="FILE", help="save every raw figure to FILE")

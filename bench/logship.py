@@ -4,7 +4,8 @@ and what shipping costs the function.
 
 Two ``imagefn up`` platforms run side by side on one machine, one with log shipping on
 and one with it off (``IMAGEFN_LOGS=off``), both with a registry of this run (token
-auth, as in foundation.py) and the machine's Kafka-protocol broker. The function is
+auth, as in foundation.py) and the machine's Kafka-protocol broker. Each platform has a
+bootstrap admin key of its own (``Platform.admin_key``), sent with every call to it. The function is
 ``bench/images/chatty`` (built here): each event asks it for N lines of B bytes at R lines
 per second; every line carries the time it was written (``t=``), so the delay from write
 to arrival is read off the line itself. "Arrival" is when this script's consumer,
@@ -54,6 +55,7 @@ from foundation import (  # the sibling script, found through sys.path
     machine_info,
     summary,
 )
+from peers.common import local_redis_url
 
 REPO = Path(__file__).resolve().parent.parent
 CHATTY_DIR = REPO / "bench/images/chatty"
@@ -156,7 +158,10 @@ async def invoke(
     session: aiohttp.ClientSession, plat: Platform, name: str, event: dict[str, Any]
 ) -> tuple[float, dict[str, Any]]:
     t0 = time.perf_counter()
-    async with session.post(f"{plat.url}/v1/functions/{name}/invoke", json=event) as r:
+    # One session serves both platforms, each with its own admin key: sent per request.
+    async with session.post(
+        f"{plat.url}/v1/functions/{name}/invoke", json=event, headers=plat.auth_headers
+    ) as r:
         body = await r.read()
         if r.status != 200:
             raise RuntimeError(f"invoke {name}: HTTP {r.status}: {body[:300]!r}")
@@ -317,7 +322,7 @@ def render(res: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--redis-url", default=local_redis_url(0))
     p.add_argument("--kafka", default="127.0.0.1:9092", help="Kafka bootstrap host:port")
     p.add_argument("--lines", type=int, default=300_000, help="part 1: lines in one burst")
     p.add_argument("--rates", default="10000,50000", help="part 2: lines/s, comma-separated")

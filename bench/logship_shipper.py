@@ -167,7 +167,8 @@ async def run_container(
         cpus=1.0,
         pids_limit=64,
         nofile_limit=1024,
-        tmpfs_size_mb=16,
+        tmp_mb=16,
+        network="bridge",  # it serves nothing: any network will do
     )
     body = config.to_docker()
     body["HostConfig"].pop("PortBindings")  # it serves nothing

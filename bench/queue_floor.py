@@ -20,6 +20,7 @@ import uuid
 
 import redis.asyncio as aioredis
 import uvloop
+from peers.common import local_redis_url  # bench/peers, beside this script
 
 
 async def _worker(url: str, prefix: str, stop_after_s: float) -> None:
@@ -90,7 +91,7 @@ async def _caller(url: str, prefix: str, n: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--redis-url", default=local_redis_url(0))
     ap.add_argument("--n", type=int, default=2000)
     args = ap.parse_args()
     prefix = f"bench-floor-{uuid.uuid4().hex[:8]}"

@@ -83,6 +83,9 @@ def open_response(
     long as it takes (a stream that may stay quiet for hours)."""
     url = args.gateway.rstrip("/") + path
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    api_key = getattr(args, "api_key", "")
+    if api_key and not req.has_header("Authorization"):
+        req.add_header("Authorization", f"Bearer {api_key}")
     if body is not None:
         req.add_header("Content-Type", content_type)
     wait = args.timeout if timeout == -1.0 else timeout

@@ -37,11 +37,19 @@ from cli.api import request as _request
 from cli.asyncinv import add_parsers as add_async_parsers
 from cli.asyncinv import invoke_async
 from cli.batch import add_parsers as add_batch_parsers
+from cli.keys import add_parsers as add_keys_parsers
 from cli.logs import render as render_log
 from cli.logs import sse_events
 from shared.errors import ImagefnError
 from shared.http import CALLER_REQUEST_ID
 from shared.logs import configure_logging
+from shared.roles import (
+    COMMAND_ROLES,
+    credentials_refused,
+    redis_user,
+    role_env,
+    role_variable,
+)
 from shared.settings import DEFAULT_ENV_FILE, Settings, load_settings, read_env_file
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
@@ -233,6 +241,8 @@ def _print_log_stream(
     come; notices go to stderr as one line each."""
     url = args.gateway.rstrip("/") + path
     req = urllib.request.Request(url, headers={"Accept": "text/event-stream"})
+    if getattr(args, "api_key", ""):
+        req.add_header("Authorization", f"Bearer {args.api_key}")
     timeout = FOLLOW_READ_TIMEOUT_S if follow else args.timeout
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -414,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_rm)
     add_async_parsers(sub)  # invocation, dlq
     add_batch_parsers(sub)
+    add_keys_parsers(sub)
     return p
 
 
@@ -425,23 +436,42 @@ def _redacted(url: str) -> str:
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
+def _credentials_hint(role: str | None, message: str) -> None:
+    """After Redis refused a server command's credentials: where its URL comes from."""
+    if role is not None and credentials_refused(message):
+        print(
+            f"imagefn: this command runs as Redis user {redis_user(role)}; its URL is "
+            f"{role_variable('IMAGEFN_REDIS_URL', role)} (or IMAGEFN_REDIS_URL), which "
+            f"deploy/setup.sh writes into {DEFAULT_ENV_FILE}",
+            file=sys.stderr,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
+    role: str | None = None
     try:
-        # The environment wins over the credentials file deploy/setup.sh writes.
+        # The environment wins over the credentials file deploy/setup.sh writes; a
+        # server command takes its role's Redis URL (and Kafka principal) from either.
         env_file = os.environ.get("IMAGEFN_ENV_FILE") or DEFAULT_ENV_FILE
-        settings = load_settings({**read_env_file(env_file), **os.environ})
+        role = COMMAND_ROLES.get(args.command)
+        settings = load_settings(role_env(role, os.environ, read_env_file(env_file)))
         if args.gateway is None:
             args.gateway = os.environ.get("IMAGEFN_GATEWAY", DEFAULT_GATEWAY)
+        # The caller's own key wins; the operator's bootstrap admin key (from the
+        # credentials file, when this user can read it) is the fallback.
+        args.api_key = os.environ.get("IMAGEFN_API_KEY") or settings.auth.admin_key
         args.fn(args, settings)
     except (CliError, ImagefnError) as e:
         print(f"imagefn: {e}", file=sys.stderr)
+        _credentials_hint(role, str(e))
         return 1
     except RedisError as e:
         print(
             f"imagefn: Redis at {_redacted(settings.redis.url)} unavailable: {e}", file=sys.stderr
         )
+        _credentials_hint(role, str(e))
         return 1
     except DockerError as e:
         print(f"imagefn: Docker engine unavailable: {e.message}", file=sys.stderr)

@@ -4,6 +4,10 @@
 # imagefn speaks only the Kafka protocol: in production point IMAGEFN_KAFKA_BOOTSTRAP at
 # Apache Kafka or Redpanda instead and skip this. Tansu keeps records in memory only, so
 # a restart of the broker loses the logs topic (imagefn recreates its topics).
+# No SASL here: Tansu 0.6 with memory storage cannot hold a SCRAM user (its --authentication
+# refuses the AlterUserScramCredentials that would create the first one), and it stores
+# but does not apply retention.ms / retention.bytes, so its memory grows until it restarts.
+# Both are in docs/security.md, with the Apache Kafka configuration that has them.
 # Idempotent; called by setup.sh.
 set -euo pipefail
 

@@ -9,8 +9,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-REDIS_PORT=6379
-REDIS_DIR=/var/lib/imagefn-redis
 DOCKERD_LOG=/var/log/imagefn-dockerd.log
 
 step() { echo "==> $*"; }
@@ -50,15 +48,13 @@ if ! docker info >/dev/null 2>&1; then
   wait_for 60 docker info || { tail -n 20 "$DOCKERD_LOG" >&2; die "dockerd did not answer within 60 s"; }
 fi
 
-# --- Redis ---------------------------------------------------------------------------
-if ! [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; then
-  step "starting Redis on 127.0.0.1:$REDIS_PORT"
-  mkdir -p "$REDIS_DIR"
-  # Append-only file: deployed functions, versions and aliases survive a restart.
-  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
-    --save '' --appendonly yes --appendfsync everysec --dir "$REDIS_DIR" >/dev/null
-  wait_for 20 redis-cli -p "$REDIS_PORT" ping || die "Redis did not answer on port $REDIS_PORT"
-fi
+# --- function networks and their firewall rules -------------------------------------
+# Instances run only there, fenced off from each other, the host and the platform's
+# services (workers refuse to start without them). `deploy/network.sh remove` undoes it.
+bash deploy/network.sh
+
+# --- Redis (ACL user per role, default user off, bounded memory) ----------------------
+bash deploy/redis.sh
 
 # --- Python venv -------------------------------------------------------------------
 STAMP=.venv/.imagefn-installed

@@ -7,6 +7,7 @@ order, and only for what started.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -16,8 +17,22 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway import batches, dlq, functions, invoke, logs, token_service
+from gateway import (
+    admission,
+    audit,
+    batches,
+    dlq,
+    functions,
+    guards,
+    invoke,
+    keys,
+    logs,
+    token_service,
+)
+from gateway.auth import CHALLENGE, authenticate, principal_of, redact_output
 from gateway.context import (
+    API_KEYS,
+    AUDIT,
     IMAGES,
     INVOCATIONS,
     LIMITER,
@@ -29,12 +44,14 @@ from gateway.context import (
     SETTINGS,
     TOKENS,
 )
-from gateway.errors import Handler, error_response, http_exception_to_error, log
+from gateway.errors import Handler, error_response, http_exception_to_error, log, redis_error
 from gateway.images import ImageResolver, RegistryImageResolver, UncheckedImageResolver
 from gateway.routing import WarmRouter
 from gateway.tokens import REPOSITORY, Access, TokenIssuer
+from shared.apikeys import ApiKeyStore
+from shared.audit import AuditLog
 from shared.concurrency import ConcurrencyLimiter
-from shared.errors import ImagefnError, InternalError, ServiceUnavailable
+from shared.errors import ImagefnError, InternalError, RequestCanceled, ServiceUnavailable
 from shared.http import CALLER_REQUEST_ID, REQUEST_ID_HEADER, SCF_REQUEST_ID_HEADER
 from shared.invocations import InvocationLog
 from shared.keys import Keys
@@ -43,17 +60,37 @@ from shared.queue.factory import make_queue
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
 
+access_log = structlog.get_logger("imagefn.access")
+
 # A caller may name its own request id (to trace it end to end); anything else is
 # replaced, since the id lands in headers and log lines.
 
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.monotonic()
     given = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = given if CALLER_REQUEST_ID.match(given) else str(uuid.uuid4())
     request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    response = await _answer(request, handler, request_id)
+    if request.app[SETTINGS].auth.access_log:
+        access_log.info(
+            "access",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+            key_id=principal_of(request).key_id,
+            remote=request.remote or "",
+        )
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
+    """The handler's answer, or the error answer of what it raised (the one place errors
+    become HTTP)."""
     max_body = request.app[SETTINGS].gateway.max_body_bytes
     try:
         length = request.content_length
@@ -64,9 +101,23 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     except ImagefnError as e:
         if e.http_status >= 500:
             log.warning("request_failed", error=e.type_name, reason=e.message)
-        return error_response(e, request_id)
+        redact_output(e, request)
+        answer = error_response(e, request_id)
+        if e.http_status == 401 and not request.path.startswith(token_service.TOKEN_PATH):
+            answer.headers["WWW-Authenticate"] = CHALLENGE
+        return answer
     except web.HTTPException as e:
         return error_response(http_exception_to_error(e, max_body), request_id)
+    except RedisError as e:
+        err = redis_error(e)
+        log.warning("request_failed", error=err.type_name, reason=err.message)
+        return error_response(err, request_id)
+    except ConnectionResetError as e:
+        # The client went away mid-request (aiohttp's ClientConnectionResetError too, and
+        # a slow body the connection guard closed): not the gateway's failure. The answer
+        # goes nowhere; it only keeps aiohttp from logging the exception.
+        log.info("client_aborted", method=request.method, path=request.path, reason=str(e))
+        return error_response(RequestCanceled("the client closed the connection"), request_id)
     except Exception:
         log.exception("request_crashed")
         return error_response(InternalError("internal error; see the gateway log"), request_id)
@@ -95,7 +146,17 @@ def build_app(
 ) -> web.Application:
     """The gateway application. ``queue``/``images`` override the real ones (tests)."""
     app = web.Application(
-        client_max_size=settings.gateway.max_body_bytes, middlewares=[request_context]
+        client_max_size=settings.gateway.max_body_bytes,
+        # Outermost first: errors become answers; Host and cross-site checks (no state);
+        # the audit (it sees every control call, refused ones too); who is calling;
+        # admission and rate limits (per key: after authenticate).
+        middlewares=[
+            request_context,
+            guards.intake_guard,
+            audit.audit,
+            authenticate,
+            admission.intake_limits,
+        ],
     )
     app[SETTINGS] = settings
 
@@ -112,6 +173,18 @@ def build_app(
             settings.queue.invocation_ttl_s,
             settings.asyncinv.result_ttl_s,
         )
+        app[API_KEYS] = ApiKeyStore(
+            client,
+            Keys(settings.queue.prefix),
+            admin_key=settings.auth.admin_key,
+            cache_s=settings.auth.key_cache_s,
+        )
+        app[AUDIT] = AuditLog(client, Keys(settings.queue.prefix), settings.auth.audit_max_entries)
+        if not settings.auth.admin_key:
+            log.warning(
+                "no_admin_key",
+                hint="IMAGEFN_ADMIN_KEY is not set: only keys created earlier work",
+            )
         yield
         await client.aclose()
 
@@ -154,7 +227,10 @@ def build_app(
     app.router.add_routes(token_service.routes)
     app.router.add_routes(invoke.routes)
     app.router.add_routes(dlq.routes)
+    app.router.add_routes(keys.routes)
+    app.router.add_routes(audit.routes)
     batches.setup(app)
+    admission.setup(app)
     invoke.add_web_routes(app)
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from gateway.auth import principal_of
 from gateway.batchparse import AUTO, NDJSON, parse_batch
 from gateway.context import REDIS, REGISTRY, REQUEST_ID, SETTINGS
 from gateway.errors import error_body
@@ -167,19 +168,32 @@ async def submit_batch(request: web.Request) -> web.Response:
             params.max_concurrency,
             params.max_retries,
             params.max_event_age_s,
+            owner=principal_of(request).key_id,
         )
     log.info("batch_accepted", batch=info.batch_id, items=info.items)
     return web.json_response(info.to_dict(), status=202)
 
 
+async def _owned_batch(request: web.Request) -> str:
+    """The batch id of the route, once the caller is known to be its submitter (or an
+    admin); anyone else is told there is no such batch, as if it did not exist."""
+    batch_id = _batch_id(request)
+    progress = await _store(request).progress(batch_id)
+    principal = principal_of(request)
+    if not principal.admin and progress.meta.owner != principal.key_id:
+        ttl = request.app[SETTINGS].asyncinv.batch_ttl_s
+        raise BatchNotFound(f"no batch {batch_id!r} (unknown, or finished longer than {ttl} s ago)")
+    return batch_id
+
+
 @routes.get("/v1/batches/{batch_id}")
 async def get_batch(request: web.Request) -> web.Response:
-    return web.json_response(await _store(request).status(_batch_id(request)))
+    return web.json_response(await _store(request).status(await _owned_batch(request)))
 
 
 @routes.delete("/v1/batches/{batch_id}")
 async def cancel_batch(request: web.Request) -> web.Response:
-    batch_id = _batch_id(request)
+    batch_id = await _owned_batch(request)
     doc = await _store(request).cancel(batch_id)
     log.info("batch_cancelled", batch=batch_id, state=doc["state"])
     return web.json_response(doc)
@@ -192,10 +206,9 @@ def _client_left(request: web.Request) -> bool:
 
 @routes.get("/v1/batches/{batch_id}/results")
 async def get_results(request: web.Request) -> web.StreamResponse:
-    batch_id = _batch_id(request)
+    batch_id = await _owned_batch(request)  # BatchNotFound before the stream starts
     follow, start = parse_results_params(request.query)
     store = _store(request)
-    await store.progress(batch_id)  # BatchNotFound before the stream starts
     followers = request.app[FOLLOWERS]
     if follow and len(followers) >= MAX_FOLLOWERS:
         raise ServiceUnavailable(f"this gateway follows {MAX_FOLLOWERS} batches already; retry")

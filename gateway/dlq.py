@@ -10,7 +10,6 @@ running, never lost.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway.context import INVOCATIONS, QUEUE, REDIS, REGISTRY, SETTINGS
-from gateway.params import whole_number
+from gateway.params import json_object, whole_number
 from shared.deadletter import DeadLetters, invocation_for_redrive, public
 from shared.errors import InvalidRequest, InvocationNotFound, ServiceUnavailable
 from shared.keys import Keys
@@ -62,16 +61,12 @@ async def show_dead_letter(request: web.Request) -> web.Response:
 
 async def _redrive_body(request: web.Request) -> tuple[list[str] | None, str | None]:
     """(ids, or None for all; qualifier or None for each entry's own)."""
-    raw = await request.read()
-    try:
-        doc = json.loads(raw or b"{}")
-    except ValueError as e:
-        raise InvalidRequest(f"redrive body is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequest('redrive body: {"ids": [...]} or {"all": true}')
-    unknown = set(doc) - {"ids", "all", "qualifier"}
-    if unknown:
-        raise InvalidRequest(f"redrive body: unknown fields {', '.join(sorted(unknown))}")
+    doc = await json_object(
+        request,
+        "redrive body",
+        frozenset({"ids", "all", "qualifier"}),
+        '{"ids": [...]} or {"all": true}',
+    )
     qualifier = doc.get("qualifier")
     if qualifier is not None and (not isinstance(qualifier, str) or not qualifier):
         raise InvalidRequest("redrive body: qualifier must be a version or alias name")

@@ -13,14 +13,17 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError
 
 from shared.errors import (
     ImagefnError,
     InternalError,
     InvalidRequest,
     RequestTooLarge,
+    ServiceUnavailable,
 )
 from shared.http import REQUEST_ID_HEADER, SCF_ERROR_TYPE_HEADER, SCF_REQUEST_ID_HEADER
+from shared.roles import credentials_refused
 
 log = structlog.get_logger("imagefn.gateway")
 
@@ -33,6 +36,33 @@ class RouteNotFound(ImagefnError):
 
 class MethodNotAllowed(ImagefnError):
     http_status = 405
+
+
+# Refused at intake (gateway/guards.py, gateway/connguard.py): these never cross the queue.
+
+
+class MisdirectedRequest(ImagefnError):
+    """The Host header names a host this gateway does not answer."""
+
+    http_status = 421
+
+
+class CrossSiteRequest(ImagefnError):
+    """A browser request from another site to a state-changing API route."""
+
+    http_status = 403
+
+
+class UnsupportedMediaType(ImagefnError):
+    """A body type the route does not take (here: one a cross-site form can send)."""
+
+    http_status = 415
+
+
+class RequestTimeout(ImagefnError):
+    """The client did not send its request's headers in time."""
+
+    http_status = 408
 
 
 def error_body(err: ImagefnError, request_id: str) -> dict[str, Any]:
@@ -53,6 +83,21 @@ def error_response(err: ImagefnError, request_id: str) -> web.Response:
             SCF_REQUEST_ID_HEADER: request_id,
         },
     )
+
+
+def redis_error(e: RedisError) -> ServiceUnavailable:
+    """A Redis failure no handler caught: 503 naming the cause, never a 500. A Redis at
+    its maxmemory (policy noeviction, docs/security.md) refuses writes with "OOM ...";
+    one whose ACL refuses the gateway's user says NOAUTH, WRONGPASS or NOPERM."""
+    text = str(e) or type(e).__name__
+    if text.startswith("OOM"):
+        return ServiceUnavailable(
+            "Redis is out of memory (its maxmemory is reached) and refuses writes until "
+            f"memory is freed or maxmemory raised: {text}"
+        )
+    if isinstance(e, AuthenticationError | NoPermissionError) or credentials_refused(text):
+        return ServiceUnavailable(f"Redis refused the gateway's credentials: {text}")
+    return ServiceUnavailable(f"Redis unavailable: {text}")
 
 
 def http_exception_to_error(exc: web.HTTPException, max_body: int) -> ImagefnError:

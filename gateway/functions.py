@@ -8,6 +8,8 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from gateway.auth import hide_env, principal_of
+from gateway.capacity import check_spec_fits
 from gateway.context import IMAGES, INVOCATIONS, REGISTRY
 from gateway.errors import log
 from gateway.specbody import MAX_SPEC_BYTES, parse_spec_body
@@ -18,6 +20,7 @@ from shared.errors import (
     RequestTooLarge,
     ServiceUnavailable,
 )
+from shared.invocations import record_not_found
 from shared.spec import parse_spec
 
 routes = web.RouteTableDef()
@@ -37,7 +40,14 @@ async def _document(request: web.Request) -> Any:
 @routes.get("/v1/functions")
 async def list_functions(request: web.Request) -> web.Response:
     records = await request.app[REGISTRY].list()
-    return web.json_response({"functions": [r.to_dict() for r in records]})
+    principal = principal_of(request)
+    # Only the functions the key may read are listed: the others stay unknown to it.
+    shown = [
+        hide_env(r.to_dict(), request, r.spec.name)
+        for r in records
+        if principal.allows("read", r.spec.name)
+    ]
+    return web.json_response({"functions": shown})
 
 
 @routes.put("/v1/functions/{name}")
@@ -62,26 +72,31 @@ async def put_function(request: web.Request) -> web.Response:
             except ImagefnError:
                 pass  # the registry cannot say now; the other fields are still wrong
         raise
+    await check_spec_fits(request, spec)
     image = await request.app[IMAGES].resolve(spec.image)
     record, created = await request.app[REGISTRY].put(spec, image.ref, image.digest)
     log.info("function_deployed", function=name, version=record.version, image_ref=image.ref)
-    return web.json_response(record.to_dict(), status=201 if created else 200)
+    return web.json_response(
+        hide_env(record.to_dict(), request, name), status=201 if created else 200
+    )
 
 
 @routes.get("/v1/functions/{name}")
 async def get_function(request: web.Request) -> web.Response:
-    record = await request.app[REGISTRY].get(request.match_info["name"])
-    return web.json_response(record.to_dict())
+    name = request.match_info["name"]
+    record = await request.app[REGISTRY].get(name)
+    return web.json_response(hide_env(record.to_dict(), request, name))
 
 
 @routes.get("/v1/functions/{name}/versions")
 async def list_versions(request: web.Request) -> web.Response:
-    found = await request.app[REGISTRY].versions(request.match_info["name"])
+    name = request.match_info["name"]
+    found = await request.app[REGISTRY].versions(name)
     return web.json_response(
         {
             "latest": found.latest,
             "aliases": found.aliases,
-            "versions": [r.to_dict() for r in found.versions],
+            "versions": [hide_env(r.to_dict(), request, name) for r in found.versions],
         }
     )
 
@@ -108,10 +123,15 @@ async def delete_alias(request: web.Request) -> web.Response:
 
 @routes.get("/v1/invocations/{request_id}")
 async def get_invocation(request: web.Request) -> web.Response:
+    request_id = request.match_info["request_id"]
     try:
-        doc = await request.app[INVOCATIONS].get(request.match_info["request_id"])
+        doc = await request.app[INVOCATIONS].get(request_id)
     except RedisError as e:
         raise ServiceUnavailable(f"invocation records unavailable: {e}") from e
+    principal = principal_of(request)
+    if not principal.admin and doc.get("owner") != principal.key_id:
+        # Another caller's record reads exactly like one that does not exist.
+        raise record_not_found(request_id)
     return web.json_response(doc)
 
 

@@ -8,15 +8,18 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterable
 
 import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from gateway.auth import principal_of, require_web_caller
 from gateway.context import INVOCATIONS, LIMITER, QUEUE, REGISTRY, REQUEST_ID, ROUTER, SETTINGS
 from shared.errors import (
     FunctionTimeout,
     InvalidRequest,
+    RequestIdConflict,
     RequestTooLarge,
     ServiceUnavailable,
     error_from_dict,
@@ -137,6 +140,7 @@ async def invoke_event(request: web.Request) -> web.Response:
         deadline=time.time() + wait_s,
         reply_to=request.app[QUEUE].reply_address(),
         version=_scf_version(qualifier, record),
+        owner=principal_of(request).key_id,
     )
     result = await _call(request, inv, wait_s)
     ctype = next((v for k, v in result.headers if k.lower() == "content-type"), None)
@@ -174,6 +178,7 @@ async def _accept_async(
         mode="async",
         accepted_at=now,
         qualifier=qualifier,
+        owner=principal_of(request).key_id,
     )
     answer = {"request_id": request_id, "function": inv.function, "qualifier": qualifier}
     records = request.app[INVOCATIONS]
@@ -185,6 +190,11 @@ async def _accept_async(
         # The same request id again (a client retrying after a lost answer): accepted
         # once already, so not enqueued twice.
         return web.json_response({**answer, "state": "queued", "duplicate": True}, status=202)
+    if verdict == "conflict":
+        raise RequestIdConflict(
+            f"request id {request_id} belongs to another caller's invocation; "
+            "choose another X-Request-Id (or send none)"
+        )
     if verdict == "busy":
         raise ServiceUnavailable(
             f"request id {request_id} is being accepted by another call; try again shortly"
@@ -214,15 +224,18 @@ async def invoke_web(request: web.Request) -> web.Response:
         raise InvalidRequest(
             f"{name} is an event function; invoke it with POST /v1/functions/{name}/invoke"
         )
+    caller = require_web_caller(request, name, record.spec.auth)
     # The function sees the path after /web/{name}, still percent-encoded as sent.
     raw_path = request.rel_url.raw_path
     prefix = f"/web/{name}"
     path = raw_path[len(prefix) :] if raw_path.startswith(prefix) else "/"
     if not path.startswith("/"):
         path = "/" + path
-    headers = forwarded_headers(
-        request.headers.items(), request.remote or "", request.host, request.scheme
-    )
+    incoming: Iterable[tuple[str, str]] = request.headers.items()
+    if record.spec.auth != "public":
+        # The platform key was for the gateway; the function never sees it.
+        incoming = [(k, v) for k, v in incoming if k.lower() != "authorization"]
+    headers = forwarded_headers(incoming, request.remote or "", request.host, request.scheme)
     request_id: str = request[REQUEST_ID]
     wait_s = _wait_s(request, record)
     inv = Invocation(
@@ -237,6 +250,7 @@ async def invoke_web(request: web.Request) -> web.Response:
         deadline=time.time() + wait_s,
         reply_to=request.app[QUEUE].reply_address(),
         version=_scf_version(qualifier, record),
+        owner=caller.key_id,
     )
     result = await _call(request, inv, wait_s)
     resp = web.Response(status=result.status, body=result.body)

@@ -90,6 +90,8 @@ class BatchMeta:
     max_retries: int  # -1: the function's async policy
     max_event_age_s: int  # 0: the function's async policy
     created_at: float
+    # The API key id that submitted it: its items' records are that caller's.
+    owner: str = ""
 
     def to_json(self) -> str:
         return _dumps(self.__dict__)
@@ -104,6 +106,7 @@ class BatchMeta:
             max_retries=int(d["max_retries"]),
             max_event_age_s=int(d["max_event_age_s"]),
             created_at=float(d["created_at"]),
+            owner=str(d.get("owner", "")),
         )
 
 
@@ -253,6 +256,7 @@ class BatchStore:
         max_concurrency: int,
         max_retries: int,
         max_event_age_s: int,
+        owner: str = "",
     ) -> BatchInfo:
         """Store every item, then the batch; all or nothing: on any error (a bad item,
         the client gone, Redis) what was staged is deleted and the error raised."""
@@ -292,7 +296,13 @@ class BatchStore:
             if total == 0:
                 raise InvalidRequest("the batch has no items", details={"item": 0, "line": 1})
             meta = BatchMeta(
-                function, qualifier, max_concurrency, max_retries, max_event_age_s, time.time()
+                function,
+                qualifier,
+                max_concurrency,
+                max_retries,
+                max_event_age_s,
+                time.time(),
+                owner,
             )
             await self._commit(batch_id, meta, total)
         except BaseException:

@@ -52,9 +52,28 @@ class InvalidSpec(InvalidRequest):
 
 
 class Unauthorized(ImagefnError):
-    """Missing or wrong credentials (the registry token service)."""
+    """Missing, unknown, expired or revoked credentials (an API key, or the registry
+    token service's HTTP Basic credentials)."""
 
     http_status = 401
+
+
+class Forbidden(ImagefnError):
+    """Valid credentials without the scope the route needs."""
+
+    http_status = 403
+
+
+class KeyNotFound(ImagefnError):
+    """No API key with that id."""
+
+    http_status = 404
+
+
+class RequestIdConflict(ImagefnError):
+    """The caller-chosen request id belongs to another caller's invocation."""
+
+    http_status = 409
 
 
 class FunctionNotFound(ImagefnError):

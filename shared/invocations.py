@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
 
 from shared.autopipe import AutoPipeline
 from shared.errors import InvocationNotFound
@@ -40,21 +41,36 @@ from shared.keys import Keys
 from shared.messages import BatchResultLine, Invocation, InvocationResult
 from shared.retry import CANCELLED, failure_summary
 
-# KEYS: record. ARGV: meta, now, ttl, stale after (s). "new": created ("accepting");
+log = structlog.get_logger("imagefn.invocations")
+
+# KEYS: record. ARGV: meta, now, ttl, stale after (s), owner. "conflict": the request id
+# is another caller's; "new": created ("accepting");
 # "duplicate": accepted before; "busy": another call is accepting it right now.
 # A record left "accepting" longer than the stale time belongs to a gateway that died
 # before it could publish: the event was never accepted, so it is taken over.
 _ACCEPT = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state then
+  local owner = redis.call('HGET', KEYS[1], 'owner') or ''
+  if owner ~= ARGV[5] then return 'conflict' end
   if state ~= 'accepting' then return 'duplicate' end
   local since = tonumber(redis.call('HGET', KEYS[1], 'updated_at') or '0')
   if tonumber(ARGV[2]) - since < tonumber(ARGV[4]) then return 'busy' end
 end
 redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'state', 'accepting', 'done', 0,
-  'created_at', ARGV[2], 'updated_at', ARGV[2])
+  'created_at', ARGV[2], 'updated_at', ARGV[2], 'owner', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 'new'
+"""
+
+# KEYS: record. ARGV: owner, ttl, then field/value pairs. A finished synchronous call;
+# nothing is written over another caller's record of the same request id.
+_RECORD = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
 """
 
 # KEYS: record. ARGV: now. Published: "queued", unless a worker has begun it already.
@@ -66,7 +82,7 @@ return 1
 """
 
 # KEYS: record, batch, batch results. ARGV: attempt, meta, now, ttl, worker, in batch
-# ("1"/"0"), item index, cancelled line.
+# ("1"/"0"), item index, cancelled line, owner (set once, when the record has none).
 # Returns "run", "duplicate" or "cancelled".
 _BEGIN = """
 local n = tonumber(ARGV[1])
@@ -79,6 +95,7 @@ if done >= n or state == 'succeeded' or state == 'dead-lettered' or state == 'ex
 end
 redis.call('HSETNX', KEYS[1], 'meta', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'created_at', ARGV[3])
+if ARGV[9] and ARGV[9] ~= '' then redis.call('HSETNX', KEYS[1], 'owner', ARGV[9]) end
 -- An item of a cancelled batch that never finished ends cancelled; one that has its
 -- line already (dead-lettered, now redriven) runs: the user asked for it by name.
 if ARGV[6] == '1' and redis.call('HGET', KEYS[2], 'state') == 'cancelled'
@@ -260,6 +277,7 @@ class InvocationLog:
         # begin and finish come from every invocation a worker runs at once: pipelined.
         self._pipe = AutoPipeline(client)
         self._accept = client.register_script(_ACCEPT)
+        self._record = client.register_script(_RECORD)
         self._queued = client.register_script(_QUEUED)
         self._begin = client.register_script(_BEGIN)
         self._finish = client.register_script(_FINISH)
@@ -268,29 +286,29 @@ class InvocationLog:
     async def record(self, inv: Invocation, result: InvocationResult) -> None:
         """A finished synchronous invocation, in one round trip."""
         now = time.time()
-        key = self._keys.invocation(inv.request_id)
         doc = attempt_doc(inv, result, inv.enqueued_at, now)
         state = "succeeded" if doc["error"] is None else "failed"
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.hset(
-                key,
-                mapping={
-                    "meta": _dumps(meta_of(inv)),
-                    "state": state,
-                    "done": 1,
-                    "a:1": _dumps(doc),
-                    "created_at": inv.enqueued_at,
-                    "updated_at": now,
-                },
-            )
-            pipe.expire(key, self._ttl_s)
-            await pipe.execute()
+        fields = {
+            "meta": _dumps(meta_of(inv)),
+            "state": state,
+            "done": 1,
+            "a:1": _dumps(doc),
+            "created_at": inv.enqueued_at,
+            "updated_at": now,
+        }
+        pairs: list[Any] = [x for kv in fields.items() for x in kv]
+        written = await self._record(
+            keys=[self._keys.invocation(inv.request_id)], args=[inv.owner, self._ttl_s, *pairs]
+        )
+        if not written:
+            log.warning("record_owned_by_another_caller", request_id=inv.request_id)
 
     async def accept(self, inv: Invocation) -> str:
-        """Start accepting an async invocation: "new", "duplicate" or "busy"."""
+        """Start accepting an async invocation: "new", "duplicate", "busy", or "conflict"
+        (the request id is another caller's)."""
         got = await self._accept(
             keys=[self._keys.invocation(inv.request_id)],
-            args=[_dumps(meta_of(inv)), time.time(), self._ttl_s, ACCEPT_STALE_S],
+            args=[_dumps(meta_of(inv)), time.time(), self._ttl_s, ACCEPT_STALE_S, inv.owner],
         )
         return got.decode() if isinstance(got, bytes) else str(got)
 
@@ -317,6 +335,7 @@ class InvocationLog:
                 "1" if inv.batch else "0",
                 inv.index,
                 line.encode(),
+                inv.owner,
             ],
         )
         return got.decode() if isinstance(got, bytes) else str(got)
@@ -379,11 +398,15 @@ class InvocationLog:
             pipe.get(self._keys.result(request_id))
             raw, result = await pipe.execute()
         if not raw:
-            raise InvocationNotFound(
-                f"no record of invocation {request_id!r} (unknown, or older than the "
-                "retention of invocation records)"
-            )
+            raise record_not_found(request_id)
         return document(request_id, _text_fields(raw), result)
+
+
+def record_not_found(request_id: str) -> InvocationNotFound:
+    return InvocationNotFound(
+        f"no record of invocation {request_id!r} (unknown, or older than the "
+        "retention of invocation records)"
+    )
 
 
 def _text_fields(raw: dict[Any, Any]) -> dict[str, str]:
@@ -427,6 +450,7 @@ def document(request_id: str, fields: dict[str, str], result: bytes | None) -> d
         "duplicates": int(fields.get("duplicates", 0)),
         "created_at": float(fields.get("created_at", 0) or 0),
         "updated_at": float(fields.get("updated_at", 0) or 0),
+        "owner": fields.get("owner", ""),
     }
     if "batch" in meta:
         doc.update(batch=meta["batch"], index=meta.get("index"))

@@ -14,6 +14,7 @@ used, so Apache Kafka, Redpanda and the Tansu test broker all work.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 
 import structlog
@@ -43,11 +44,27 @@ class Topics:
         return cls(invocations=f"{p}.invocations", replies=f"{p}.replies", logs=f"{p}.logs")
 
 
+def connection_options(settings: KafkaSettings) -> dict[str, object]:
+    """How every client (producer, consumer, admin) reaches the cluster: its address and,
+    when the cluster asks for it, TLS and the role's SASL principal."""
+    options: dict[str, object] = {
+        "bootstrap_servers": settings.bootstrap,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.security_protocol.startswith("SASL_"):
+        options["sasl_mechanism"] = settings.sasl_mechanism
+        options["sasl_plain_username"] = settings.sasl_username
+        options["sasl_plain_password"] = settings.sasl_password
+    if settings.security_protocol.endswith("SSL"):
+        options["ssl_context"] = ssl.create_default_context(cafile=settings.ssl_cafile or None)
+    return options
+
+
 def producer(settings: KafkaSettings, **overrides: object) -> AIOKafkaProducer:
     """A producer that waits for every in-sync replica (acks=all): a record counts as
     accepted only once the cluster would keep it through a broker failure."""
     options: dict[str, object] = {
-        "bootstrap_servers": settings.bootstrap,
+        **connection_options(settings),
         "acks": "all",
         "enable_idempotence": settings.idempotent_producer,
         "linger_ms": 0,
@@ -61,7 +78,7 @@ def producer(settings: KafkaSettings, **overrides: object) -> AIOKafkaProducer:
 def consumer(settings: KafkaSettings, *topics: str, **overrides: object) -> AIOKafkaConsumer:
     """A consumer with manual commits (the platform decides when work is done)."""
     options: dict[str, object] = {
-        "bootstrap_servers": settings.bootstrap,
+        **connection_options(settings),
         "enable_auto_commit": False,
         "client_id": "imagefn",
         # Brokers answer a fetch as soon as a record arrives; this bounds the wait only
@@ -105,13 +122,23 @@ async def ensure_topics(
             topics.logs,
             settings.log_partitions,
             settings.replication_factor,
-            topic_configs={
-                "retention.ms": str((logs or LogSettings()).retention_hours * 3_600_000)
-            },
+            topic_configs=_log_retention(logs or LogSettings()),
         ),
     }
     await _create_missing(settings, [wanted[w] for w in (which or tuple(wanted))])
     return topics
+
+
+def _log_retention(logs: LogSettings) -> dict[str, str]:
+    """The logs topic's bounds: time and bytes per partition, whichever comes first.
+    Brokers delete whole closed segments only, so a partition holds up to retention
+    plus one segment: segments of a quarter of it (at most 1 GiB) keep that near."""
+    retention_bytes = logs.retention_mb * 1024 * 1024
+    return {
+        "retention.ms": str(logs.retention_hours * 3_600_000),
+        "retention.bytes": str(retention_bytes),
+        "segment.bytes": str(max(1024 * 1024, min(retention_bytes // 4, 1024 * 1024 * 1024))),
+    }
 
 
 async def ensure_topic(settings: KafkaSettings, name: str, partitions: int = 1) -> None:
@@ -120,7 +147,7 @@ async def ensure_topic(settings: KafkaSettings, name: str, partitions: int = 1) 
 
 
 async def _create_missing(settings: KafkaSettings, chosen: list[NewTopic]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id="imagefn")
+    admin = AIOKafkaAdminClient(client_id="imagefn", **connection_options(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())

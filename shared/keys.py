@@ -26,6 +26,17 @@ class Keys:
         """Hash: alias name → version number."""
         return f"{self.prefix}:aliases:{function}"
 
+    @property
+    def api_keys(self) -> str:
+        """Hash: API key id → its record (JSON: name, scopes, the secret's SHA-256, times);
+        the secret itself is never stored (shared/apikeys.py)."""
+        return f"{self.prefix}:api-keys"
+
+    @property
+    def audit(self) -> str:
+        """Stream, capped: one entry per control action (shared/audit.py)."""
+        return f"{self.prefix}:audit"
+
     def invocation(self, request_id: str) -> str:
         """Hash with a TTL: the record of one invocation (shared/invocations.py): its
         state, metadata and one field per attempt."""
@@ -96,6 +107,15 @@ class Keys:
         """Sorted set: the function's invocations in flight (member: slot id, score: the
         call's deadline), for max_concurrency."""
         return f"{self.prefix}:inflight:{function}"
+
+    def rate_key(self, key_id: str) -> str:
+        """Hash with a TTL: the token bucket (tokens, at) of one API key's calls
+        (gateway/ratelimit.py); gone once it would be full again."""
+        return f"{self.prefix}:rate:key:{key_id}"
+
+    def rate_function(self, function: str) -> str:
+        """Hash with a TTL: the token bucket of one function's invocations."""
+        return f"{self.prefix}:rate:fn:{function}"
 
     @property
     def invocations(self) -> str:

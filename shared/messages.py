@@ -68,6 +68,9 @@ class Invocation:
     max_event_age_s: int = 0
     # What the caller named ($LATEST, a version or an alias): a redrive resolves it again.
     qualifier: str = "$LATEST"
+    # The API key id of the caller: only it (or an admin) reads the invocation's record,
+    # and a record never changes owner (another caller's same request id writes nothing).
+    owner: str = ""
 
     @property
     def function(self) -> str:
@@ -105,6 +108,8 @@ class Invocation:
             "call_id": self.call_id,
             "version": self.version,
         }
+        if self.owner:
+            meta["owner"] = self.owner
         if self.mode != "sync":
             # Only asynchronous invocations carry these: the synchronous hot path keeps
             # its metadata as small as before.
@@ -153,6 +158,7 @@ class Invocation:
             max_retries=int(meta.get("max_retries", -1)),
             max_event_age_s=int(meta.get("max_event_age_s", 0)),
             qualifier=str(meta.get("qualifier", "$LATEST")),
+            owner=str(meta.get("owner", "")),
         )
 
 
@@ -245,6 +251,9 @@ class Heartbeat:
     # instances on such a worker, so it sends it no commands.
     memory_capacity_mb: int | None = None
     memory_used_mb: int | None = None
+    # The worker's CPU cores (None: not reported, an older worker): gateways refuse a
+    # spec asking for more than any worker has.
+    cpus_capacity: int | None = None
     # The provisioning targets the worker last applied: the manager resends its command
     # while they disagree with its plan.
     desired: dict[str, int] = field(default_factory=dict)
@@ -260,6 +269,8 @@ class Heartbeat:
             meta["memory_capacity_mb"] = self.memory_capacity_mb
         if self.memory_used_mb is not None:
             meta["memory_used_mb"] = self.memory_used_mb
+        if self.cpus_capacity is not None:
+            meta["cpus_capacity"] = self.cpus_capacity
         meta["functions"] = self.functions
         meta["desired"] = self.desired
         if self.queue is not None:
@@ -277,6 +288,7 @@ class Heartbeat:
                 draining=bool(meta.get("draining", False)),
                 memory_capacity_mb=_optional_int(meta.get("memory_capacity_mb")),
                 memory_used_mb=_optional_int(meta.get("memory_used_mb")),
+                cpus_capacity=_optional_int(meta.get("cpus_capacity")),
                 desired=_counts(meta.get("desired", {})),
                 # Anything but an object counts as no report, as the router always read it.
                 queue=queue if isinstance(queue, dict) else None,

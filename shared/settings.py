@@ -11,8 +11,18 @@ import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypedDict
 
+from shared.envparse import _bool, _float, _int, _positive, _positive_float
 from shared.errors import InvalidRequest
+from shared.settings_security import (
+    AuthSettings,
+    IntakeSettings,
+    NetworkSettings,
+    load_auth,
+    load_intake,
+    load_network,
+)
 
 MiB = 1024 * 1024
 
@@ -74,6 +84,15 @@ class KafkaSettings:
     # wait only, so there it bounds each of the two queue hops: measured p50 7 ms per hop
     # at 20 ms (250 ms at 500), while an idle consumer costs ~4% of a core, the broker ~5%.
     queue_fetch_wait_ms: int = 20
+    # How clients reach the cluster: PLAINTEXT (the Tansu broker), SASL_PLAINTEXT,
+    # SASL_SSL or SSL; with SASL, a mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) and
+    # the role's principal (shared/roles.py: IMAGEFN_KAFKA_SASL_USERNAME_WORKER, ...).
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    # CA bundle to verify the brokers' certificates (SSL, SASL_SSL); empty: the system's.
+    ssl_cafile: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,8 +110,10 @@ class LogSettings:
     # How long a container's END/REPORT waits for its output to be read, and how long
     # removal waits for the log stream to drain.
     drain_timeout_s: float = 5.0
-    # Retention the platform sets on the logs topic it creates.
+    # Retention the platform sets on the logs topic it creates: by time, and by size per
+    # partition (whichever is reached first; the broker deletes whole segments).
     retention_hours: int = 72
+    retention_mb: int = 1024
 
 
 @dataclass(frozen=True)
@@ -139,7 +160,6 @@ class WorkerSettings:
     stop_timeout_s: float = 2.0
     pids_limit: int = 1024
     nofile_limit: int = 1024
-    tmpfs_size_mb: int = 512
     max_result_bytes: int = 6 * MiB
     max_response_header_bytes: int = 4096
     log_tail_lines: int = 20
@@ -232,54 +252,12 @@ class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     logs: LogSettings = field(default_factory=LogSettings)
     asyncinv: AsyncSettings = field(default_factory=AsyncSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    intake: IntakeSettings = field(default_factory=IntakeSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
     log_level: str = "info"
     # Run servers on uvloop when it is installed (it roughly halves event-loop overhead).
     uvloop: bool = True
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidRequest(f"setting {name}={raw!r} is not an integer") from None
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise InvalidRequest(f"setting {name}={raw!r} is not a number") from None
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise InvalidRequest(f"setting {name}={raw!r} is not a boolean")
-
-
-def _positive(env: Mapping[str, str], name: str, default: int) -> int:
-    value = _int(env, name, default)
-    if value < 1:
-        raise InvalidRequest(f"setting {name}={value}: must be at least 1")
-    return value
-
-
-def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
-    value = _float(env, name, default)
-    if not value > 0:
-        raise InvalidRequest(f"setting {name}={value:g}: must be above 0")
-    return value
 
 
 # Kafka topic names allow only these characters (and at most 249 of them).
@@ -312,7 +290,51 @@ def _kafka_settings(env: Mapping[str, str], prefix: str) -> KafkaSettings:
         queue_fetch_wait_ms=_positive(
             env, "IMAGEFN_KAFKA_QUEUE_FETCH_WAIT_MS", k.queue_fetch_wait_ms
         ),
+        **_kafka_security(env, k),
     )
+
+
+_KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+class _KafkaSecurity(TypedDict):
+    security_protocol: str
+    sasl_mechanism: str
+    sasl_username: str
+    sasl_password: str
+    ssl_cafile: str
+
+
+def _kafka_security(env: Mapping[str, str], k: KafkaSettings) -> _KafkaSecurity:
+    username = env.get("IMAGEFN_KAFKA_SASL_USERNAME") or ""
+    # A principal given means SASL, unless the protocol is named.
+    protocol = (
+        env.get("IMAGEFN_KAFKA_SECURITY_PROTOCOL") or ("SASL_PLAINTEXT" if username else "")
+    ).upper() or k.security_protocol
+    if protocol not in _KAFKA_PROTOCOLS:
+        raise InvalidRequest(
+            f"setting IMAGEFN_KAFKA_SECURITY_PROTOCOL={protocol!r}: "
+            f"supported: {', '.join(_KAFKA_PROTOCOLS)}"
+        )
+    mechanism = (env.get("IMAGEFN_KAFKA_SASL_MECHANISM") or k.sasl_mechanism).upper()
+    if mechanism not in _SASL_MECHANISMS:
+        raise InvalidRequest(
+            f"setting IMAGEFN_KAFKA_SASL_MECHANISM={mechanism!r}: "
+            f"supported: {', '.join(_SASL_MECHANISMS)}"
+        )
+    if protocol.startswith("SASL_") and not username:
+        raise InvalidRequest(
+            f"setting IMAGEFN_KAFKA_SECURITY_PROTOCOL={protocol} needs "
+            "IMAGEFN_KAFKA_SASL_USERNAME and IMAGEFN_KAFKA_SASL_PASSWORD"
+        )
+    return {
+        "security_protocol": protocol,
+        "sasl_mechanism": mechanism,
+        "sasl_username": username,
+        "sasl_password": env.get("IMAGEFN_KAFKA_SASL_PASSWORD") or "",
+        "ssl_cafile": env.get("IMAGEFN_KAFKA_SSL_CAFILE") or "",
+    }
 
 
 def _async_settings(env: Mapping[str, str]) -> AsyncSettings:
@@ -322,9 +344,7 @@ def _async_settings(env: Mapping[str, str]) -> AsyncSettings:
         result_ttl_s=_positive(env, "IMAGEFN_RESULT_TTL_S", a.result_ttl_s),
         retry_base_delay_s=_float(env, "IMAGEFN_RETRY_BASE_DELAY_S", a.retry_base_delay_s),
         retry_max_delay_s=_float(env, "IMAGEFN_RETRY_MAX_DELAY_S", a.retry_max_delay_s),
-        throttle_base_delay_s=_float(
-            env, "IMAGEFN_THROTTLE_BASE_DELAY_S", a.throttle_base_delay_s
-        ),
+        throttle_base_delay_s=_float(env, "IMAGEFN_THROTTLE_BASE_DELAY_S", a.throttle_base_delay_s),
         throttle_max_delay_s=_float(env, "IMAGEFN_THROTTLE_MAX_DELAY_S", a.throttle_max_delay_s),
         scheduler_tick_s=_positive_float(env, "IMAGEFN_SCHEDULER_TICK_S", a.scheduler_tick_s),
         batch_tick_s=_positive_float(env, "IMAGEFN_BATCH_TICK_S", a.batch_tick_s),
@@ -337,9 +357,7 @@ def _async_settings(env: Mapping[str, str]) -> AsyncSettings:
         batch_max_items=_positive(env, "IMAGEFN_BATCH_MAX_ITEMS", a.batch_max_items),
         batch_max_bytes=_positive(env, "IMAGEFN_BATCH_MAX_BYTES", a.batch_max_bytes),
         batch_ttl_s=_positive(env, "IMAGEFN_BATCH_TTL_S", a.batch_ttl_s),
-        destination_attempts=_positive(
-            env, "IMAGEFN_DESTINATION_ATTEMPTS", a.destination_attempts
-        ),
+        destination_attempts=_positive(env, "IMAGEFN_DESTINATION_ATTEMPTS", a.destination_attempts),
         destination_timeout_s=_positive_float(
             env, "IMAGEFN_DESTINATION_TIMEOUT_S", a.destination_timeout_s
         ),
@@ -448,8 +466,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             batch_records=_positive(env, "IMAGEFN_LOG_BATCH_RECORDS", lg.batch_records),
             drain_timeout_s=_float(env, "IMAGEFN_LOG_DRAIN_TIMEOUT_S", lg.drain_timeout_s),
             retention_hours=_positive(env, "IMAGEFN_LOG_RETENTION_HOURS", lg.retention_hours),
+            retention_mb=_positive(env, "IMAGEFN_LOG_RETENTION_MB", lg.retention_mb),
         ),
         asyncinv=_async_settings(env),
+        auth=load_auth(env),
+        intake=load_intake(env),
+        network=load_network(env),
         log_level=env.get("IMAGEFN_LOG_LEVEL") or "info",
         uvloop=_bool(env, "IMAGEFN_UVLOOP", True),
     )

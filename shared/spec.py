@@ -38,6 +38,8 @@ RANGES: dict[str, tuple[float, float]] = {
     # Instances of $LATEST kept ready before any traffic, across the workers; never
     # reclaimed for idleness.
     "provisioned_concurrency": (0, 1000),
+    # The instance's /tmp (a tmpfs of its own budget, on top of memory_mb; SCF gives 512).
+    "tmp_mb": (16, 2048),
 }
 INTEGER_FIELDS = frozenset(
     {
@@ -46,8 +48,11 @@ INTEGER_FIELDS = frozenset(
         "instance_concurrency",
         "max_concurrency",
         "provisioned_concurrency",
+        "tmp_mb",
     }
 )
+# Who may call a web function: "key" (a key with invoke on it) or "public" (anyone).
+WEB_AUTH = ("key", "public")
 
 
 # Asynchronous invocation: retries that count against ``max_retries`` (user-code failures;
@@ -111,6 +116,11 @@ class FunctionSpec:
     instance_concurrency: int = 1
     max_concurrency: int = 0
     provisioned_concurrency: int = 0
+    tmp_mb: int = 512
+    # "public": a web function anyone may call; "key": only callers with invoke on it.
+    auth: str = "key"
+    # Whether the instance may reach the internet (never the platform or other functions).
+    egress: bool = True
     # Spec key "async" (a Python keyword, hence the attribute name).
     async_policy: AsyncPolicy = field(default_factory=AsyncPolicy)
     destinations: Destinations = field(default_factory=Destinations)
@@ -265,9 +275,14 @@ def _async_policy(value: Any, errors: dict[str, str]) -> AsyncPolicy:
 def _destination(value: Any, name: str, errors: dict[str, str]) -> Destination | None:
     if value is None:
         return None
-    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in (
-        "kafka",
-        "url",
+    if (
+        not isinstance(value, dict)
+        or len(value) != 1
+        or next(iter(value))
+        not in (
+            "kafka",
+            "url",
+        )
     ):
         errors[name] = 'must be {kafka: TOPIC} or {url: "http://..."}'
         return None
@@ -337,6 +352,15 @@ def parse_spec(data: Any) -> FunctionSpec:
         else:
             numbers[key] = getattr(defaults, key)
 
+    auth = data.get("auth", "key")
+    if auth not in WEB_AUTH:
+        errors["auth"] = "must be 'key' or 'public'"
+    elif auth == "public" and ftype != "web":
+        errors["auth"] = "only web functions may be public; events always need a key"
+    egress = data.get("egress", True)
+    if not isinstance(egress, bool):
+        errors["egress"] = "must be true or false"
+
     if ftype == "event" and numbers.get("instance_concurrency", 1) != 1:
         # The contract: one instance handles one event at a time.
         errors["instance_concurrency"] = "must be 1 for event functions"
@@ -358,6 +382,9 @@ def parse_spec(data: Any) -> FunctionSpec:
         instance_concurrency=int(numbers["instance_concurrency"]),
         max_concurrency=int(numbers["max_concurrency"]),
         provisioned_concurrency=int(numbers["provisioned_concurrency"]),
+        tmp_mb=int(numbers["tmp_mb"]),
+        auth=str(auth),
+        egress=bool(egress),
         async_policy=async_policy,
         destinations=destinations,
     )

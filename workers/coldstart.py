@@ -27,6 +27,7 @@ from shared.messages import ControlCommand, Heartbeat, MalformedMessage
 from shared.registry import FunctionRegistry
 from shared.settings import Settings
 from workers.placement import WorkerView, plan_provisioning
+from workers.sandbox import reserved_mb
 
 log = structlog.get_logger("imagefn.coldstart")
 
@@ -96,7 +97,8 @@ class ColdStartManager:
             if n > 0:
                 key = f"{record.spec.name}@{record.version}"
                 targets[key] = n
-                memory[key] = record.spec.memory_mb
+                # As the worker reserves it: memory_mb plus the /tmp budget.
+                memory[key] = reserved_mb(record.spec)
         workers = await self._workers()
         plan = plan_provisioning(targets, memory, [w for w, _ in workers])
         live = {w.id for w, _ in workers}

@@ -112,6 +112,7 @@ def item_invocation(
         max_retries=m.max_retries,
         max_event_age_s=m.max_event_age_s,
         qualifier=m.qualifier,
+        owner=m.owner,
     )
 
 

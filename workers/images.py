@@ -22,6 +22,7 @@ from shared.errors import ImagefnError, PullImageFailed, PullImageTimeout
 from shared.imageref import parse_image_ref
 from shared.settings import WORKER_USER, RegistrySettings
 from workers.runtime import ContainerRuntime
+from workers.sandbox import check_image
 
 log = structlog.get_logger("imagefn.images")
 
@@ -85,9 +86,16 @@ class ImageStore:
         self._gc_lock = asyncio.Lock()
         self._gc_tasks: set[asyncio.Task[None]] = set()
 
+    def check(self, image_ref: str, digest: str = "") -> None:
+        """Raise PullImageFailed unless ``image_ref`` is the platform registry's, pinned by
+        digest (``digest``, when given, must be its digest)."""
+        check_image(image_ref, self._s.address, digest)
+
     async def ensure(self, image_ref: str) -> float:
-        """Make ``image_ref`` (repository@sha256:...) present; returns seconds spent pulling
-        (0 when it already was). Concurrent callers for one digest share one pull."""
+        """Make ``image_ref`` (registry/repository@sha256:...) present; returns seconds
+        spent pulling (0 when it already was). Concurrent callers for one digest share one
+        pull. A reference check_image refuses is neither looked up nor pulled."""
+        self.check(image_ref)
         size = await self._runtime.image_size(image_ref)
         if size is not None:
             self._touch(image_ref, size)

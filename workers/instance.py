@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from shared.errors import ImagefnError
 from shared.spec import FunctionRecord
+from workers import sandbox
 
 
 class State(enum.Enum):
@@ -119,6 +120,11 @@ class Instance:
         return self.record.spec.memory_mb
 
     @property
+    def reserved_mb(self) -> int:
+        """What the worker sets aside for it: memory_mb plus its /tmp budget."""
+        return sandbox.reserved_mb(self.record.spec)
+
+    @property
     def live(self) -> bool:
         return self.state in LIVE_STATES
 
@@ -143,7 +149,7 @@ class Instance:
             state=self.state,
             inflight=self.inflight,
             last_used=self.last_used,
-            memory_mb=self.memory_mb,
+            memory_mb=self.reserved_mb,
             retiring=bool(self.retire_reason),
             provisioned=self.provisioned,
         )
@@ -159,6 +165,7 @@ class InstanceView:
     state: State
     inflight: int
     last_used: float
+    # What the worker reserves for it (memory_mb + tmp_mb), the unit of its placement.
     memory_mb: int
     retiring: bool = False
     provisioned: bool = False

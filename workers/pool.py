@@ -33,8 +33,9 @@ from shared.errors import (
 )
 from shared.messages import Invocation, InvocationResult
 from shared.settings import WorkerSettings
+from shared.settings_security import NetworkSettings
 from shared.spec import FunctionRecord
-from workers import decisions
+from workers import decisions, sandbox
 from workers.forwarder import ConnectionLost, Forwarder, Response
 from workers.instance import ASLEEP_STATES, STARTING_STATES, Instance, State
 from workers.logship import InstanceLogs, LogSource
@@ -65,6 +66,7 @@ SLOT_WAIT_MARGIN_S = 0.5
 
 
 class ImageProvider(Protocol):
+    def check(self, image_ref: str, digest: str = "") -> None: ...
     async def ensure(self, image_ref: str) -> float: ...
 
 
@@ -78,8 +80,11 @@ class ContainerPool:
         installation: str,
         images: ImageProvider,
         logs: InstanceLogs | None = None,
+        networks: NetworkSettings | None = None,
     ) -> None:
         self._installation = installation
+        # The Docker networks instances join (workers/sandbox.py chooses by egress).
+        self._networks = networks or NetworkSettings()
         # Ships every instance's output (workers/logship.py); None: output stays in the
         # engine's log files only.
         self._logs = logs
@@ -128,6 +133,9 @@ class ContainerPool:
         status: int | None = None
         error: str | None = "Cancelled"
         try:
+            # Before any instance exists: an image this worker will not run never gets a
+            # container (the image store checks again before every pull and start).
+            self._images.check(inv.record.image_ref, inv.record.image_digest)
             inst, cold = await self._acquire(inv, timings)
             structlog.contextvars.bind_contextvars(instance=inst.id)
             logged = self._log_started(inst, inv, cold)
@@ -212,7 +220,8 @@ class ContainerPool:
         logs = await self._runtime.logs_tail(inst.container_id, self._settings.log_tail_lines)
         if state.oom_killed:
             return OutOfMemory(
-                f"instance was killed for exceeding its {inst.memory_mb} MB memory limit",
+                f"instance was killed for exceeding its memory limit ({inst.memory_mb} MB, "
+                f"plus {inst.record.spec.tmp_mb} MB for what /tmp holds)",
                 details={"logs": logs},
             )
         if not state.running:
@@ -252,7 +261,7 @@ class ContainerPool:
                     [i.view() for i in self._instances.values()],
                     function=spec.name,
                     version=record.version,
-                    memory_mb=spec.memory_mb,
+                    memory_mb=sandbox.reserved_mb(spec),
                     max_instances=spec.max_instances,
                     per_instance=spec.instance_concurrency,
                     memory_capacity_mb=self._settings.memory_capacity_mb,
@@ -478,7 +487,8 @@ class ContainerPool:
             cpus=spec.cpus,
             pids_limit=s.pids_limit,
             nofile_limit=s.nofile_limit,
-            tmpfs_size_mb=s.tmpfs_size_mb,
+            tmp_mb=spec.tmp_mb,
+            network=sandbox.network_for(spec, self._networks),
             log_max_mb=s.container_log_max_mb,
             log_files=s.container_log_files,
             log_driver=s.container_log_driver,
@@ -570,7 +580,8 @@ class ContainerPool:
         details: dict[str, Any] = {"exit_code": state.exit_code, "logs": logs}
         if state.oom_killed:
             return OutOfMemory(
-                f"instance ran out of its {inst.memory_mb} MB memory while starting",
+                f"instance ran out of its memory while starting ({inst.memory_mb} MB, plus "
+                f"{inst.record.spec.tmp_mb} MB for what /tmp holds)",
                 details=details,
             )
         if state.exit_code in (126, 127) or state.error:
@@ -676,7 +687,7 @@ class ContainerPool:
             missing = min(
                 missing,
                 record.spec.max_instances - live,
-                room // max(1, record.spec.memory_mb),
+                room // max(1, sandbox.reserved_mb(record.spec)),
                 self._settings.provision_burst - starting,
             )
             for _ in range(max(0, missing)):
@@ -731,7 +742,7 @@ class ContainerPool:
         return out
 
     def memory_used_mb(self) -> int:
-        return sum(i.memory_mb for i in self._instances.values() if i.live)
+        return sum(i.reserved_mb for i in self._instances.values() if i.live)
 
     # -- signals from outside --------------------------------------------------------------
 

@@ -45,11 +45,15 @@ class ContainerConfig:
     args: tuple[str, ...] | None
     env: dict[str, str]
     labels: dict[str, str]
+    # The function's memory; its /tmp (a tmpfs, so memory too) has a budget of its own,
+    # added to the container's limit so that files in /tmp never eat into memory_mb.
     memory_mb: int
     cpus: float
     pids_limit: int
     nofile_limit: int
-    tmpfs_size_mb: int
+    tmp_mb: int
+    # The Docker network (workers/sandbox.py picks it by the spec's egress).
+    network: str
     # The engine's log of the instance: at most ``log_files`` files of ``log_max_mb`` each,
     # so a chatty instance's disk use is bounded. Docker 20.10 follows a rotating file
     # unreliably (workers/logship.py copes), so files are large enough that rotation is
@@ -69,7 +73,9 @@ class ContainerConfig:
 
     def to_docker(self) -> dict[str, Any]:
         """The Engine API create body: the sandbox every function instance runs in."""
-        memory = self.memory_mb * MiB
+        # A ceiling, not a reservation of pages: memory_mb for the process plus tmp_mb
+        # for what it writes to /tmp (tmpfs pages are charged to the container).
+        memory = (self.memory_mb + self.tmp_mb) * MiB
         body: dict[str, Any] = {
             "Image": self.image,
             "Env": [f"{k}={v}" for k, v in self.env.items()],
@@ -80,18 +86,22 @@ class ContainerConfig:
                 # reach an instance except through the gateway.
                 "PortBindings": {"9000/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]},
                 "Memory": memory,
-                "MemorySwap": memory,  # no swap: memory_mb is the whole budget
+                "MemorySwap": memory,  # no swap: memory_mb + tmp_mb is the whole budget
                 "NanoCpus": int(self.cpus * 1e9),
                 "PidsLimit": self.pids_limit,
                 "ReadonlyRootfs": True,
-                "Tmpfs": {"/tmp": f"rw,nosuid,nodev,size={self.tmpfs_size_mb}m"},
+                # The only writable place; full at tmp_mb (ENOSPC), whatever the heap uses.
+                "Tmpfs": {"/tmp": f"rw,nosuid,nodev,size={self.tmp_mb}m"},
                 "CapDrop": ["ALL"],
                 "SecurityOpt": ["no-new-privileges"],
                 "Ulimits": [
                     {"Name": "nofile", "Soft": self.nofile_limit, "Hard": self.nofile_limit}
                 ],
                 "LogConfig": {"Type": self.log_driver, "Config": self._log_options()},
-                "NetworkMode": "bridge",
+                # A platform network (deploy/network.sh): instances reach neither each
+                # other nor the host and the platform's services; the port published on
+                # 127.0.0.1 still reaches the instance from the host.
+                "NetworkMode": self.network,
                 "Init": False,
             },
         }
@@ -134,6 +144,7 @@ class ContainerRuntime(Protocol):
     async def unpause(self, container_id: str) -> None: ...
     async def list_managed(self) -> list[ManagedContainer]: ...
     def die_events(self, worker_id: str) -> AsyncIterator[str]: ...
+    async def network_exists(self, name: str) -> bool: ...
     async def image_size(self, image_ref: str) -> int | None: ...
     async def image_digests(self, image_ref: str) -> list[str]: ...
     async def pull(
@@ -329,6 +340,18 @@ class DockerRuntime:
                 cid = event.get("id") or (event.get("Actor") or {}).get("ID")
                 if cid:
                     yield str(cid)
+
+    async def network_exists(self, name: str) -> bool:
+        try:
+            async with asyncio.timeout(self._query_timeout_s):
+                await self._docker.networks.get(name)
+        except DockerError as e:
+            if e.status == 404:
+                return False
+            raise ServiceUnavailable(f"docker network inspect failed: {_docker_message(e)}") from e
+        except TimeoutError:
+            raise ServiceUnavailable(self._no_answer("network inspect", name)) from None
+        return True
 
     # -- images ----------------------------------------------------------------------------
 

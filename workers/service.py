@@ -62,6 +62,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event) -> None:
             settings.queue.prefix,
             images,
             logs=logs,
+            networks=settings.network,
         )
         worker = Worker(settings, queue, pool, runtime, redis)
         run = asyncio.create_task(worker.run(), name="worker")

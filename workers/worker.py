@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -47,6 +48,7 @@ from shared.spec import FunctionRecord
 from workers.asyncrun import AsyncRunner
 from workers.pool import ContainerPool
 from workers.runtime import LABEL_INSTALLATION, LABEL_WORKER, ContainerRuntime
+from workers.sandbox import require_networks
 
 log = structlog.get_logger("imagefn.worker")
 
@@ -107,6 +109,8 @@ class Worker:
 
     async def run(self) -> None:
         log.info("worker_starting", worker=self.worker_id)
+        # Before taking any work: without its networks no instance could start safely.
+        await require_networks(self._runtime, self._settings.network)
         await self._owned_queue.open()
         await self._heartbeat_once()
         # A worker restarted under the same id finds its previous run's containers: none of
@@ -303,6 +307,7 @@ class Worker:
             draining=draining,
             memory_capacity_mb=self._ws.memory_capacity_mb,
             memory_used_mb=self._pool.memory_used_mb(),
+            cpus_capacity=os.cpu_count(),
             desired=self._desired,
             queue=self._queue.consumer_info(),
         )

@@ -35,6 +35,7 @@ from common import (
     flush_redis_db,
     hard_deadline,
     host_idle,
+    local_redis_url,
     make_parser,
     noop_container,
     report,
@@ -42,7 +43,7 @@ from common import (
     tail,
 )
 
-REDIS_URL = os.environ.get("ARQ_PEER_REDIS", "redis://127.0.0.1:6379/6")
+REDIS_URL = os.environ.get("ARQ_PEER_REDIS") or local_redis_url(6)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

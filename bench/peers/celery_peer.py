@@ -30,6 +30,7 @@ from common import (
     flush_redis_db,
     hard_deadline,
     host_idle,
+    local_redis_url,
     make_parser,
     noop_container,
     report,
@@ -37,7 +38,7 @@ from common import (
     tail,
 )
 
-REDIS_URL = os.environ.get("CELERY_PEER_REDIS", "redis://127.0.0.1:6379/5")
+REDIS_URL = os.environ.get("CELERY_PEER_REDIS") or local_redis_url(5)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 app = Celery("celery_peer", broker=REDIS_URL, backend=REDIS_URL)

@@ -273,3 +273,25 @@ def report(results: list[RunResult], out: str | None) -> RunResult:
             json.dump(doc, f, indent=2)
             f.write("\n")
     return best
+
+
+CREDENTIALS_FILE = "/var/lib/imagefn/credentials.env"
+
+
+def local_redis_url(db: int = 0) -> str:
+    """The machine's Redis (deploy/redis.sh: an ACL, no anonymous access) as its admin
+    user, database ``db``: IMAGEFN_REDIS_URL_ADMIN from the environment or the credentials
+    file; plain 127.0.0.1:6379 when neither has it (a Redis without an ACL)."""
+    url = os.environ.get("IMAGEFN_REDIS_URL_ADMIN", "")
+    if not url:
+        try:
+            with open(CREDENTIALS_FILE, encoding="utf-8") as f:
+                for line in f:
+                    if line.startswith("IMAGEFN_REDIS_URL_ADMIN="):
+                        url = line.split("=", 1)[1].strip().strip("'\"")
+        except OSError:
+            pass
+    if not url:
+        return f"redis://127.0.0.1:6379/{db}"
+    base, _, _ = url.rpartition("/") if url.count("/") > 2 else (url, "", "")
+    return f"{base}/{db}"

@@ -35,8 +35,11 @@ from multidict import CIMultiDict
 from gateway import token_service
 from gateway.app import build_app
 from gateway.context import SETTINGS, TOKENS
+from gateway.service import start_gateway
 from gateway.tokens import TokenIssuer
+from shared.roles import ADMIN_ROLE, REDIS_ROLE_RULES, ROLES, redis_user, role_variable
 from shared.settings import RegistrySettings, Settings, load_settings
+from tests.credentials import ADMIN_HEADERS, TEST_ADMIN_KEY
 from tests.integration.registry_support import (
     make_token_keys,
     start_registry,
@@ -202,13 +205,47 @@ def docker_engine() -> None:
                 pytest.fail(f"cannot build {tag}: {built.stderr[-2000:]}")
 
 
+# The session's Redis users (role -> URL, shared/roles.py), set by ``redis_url``.
+REDIS_ROLES: dict[str, str] = {}
+
+
+def write_redis_acl(path: Path, port: int) -> dict[str, str]:
+    """An ACL file like deploy/redis.sh's (``default`` off, one user per role with the
+    roles' rules) but for every key (the tests use many prefixes); the roles' URLs."""
+    urls = {}
+    lines = ["user default off resetpass resetkeys resetchannels -@all"]
+    for role in ROLES:
+        password = uuid.uuid4().hex
+        rules = "~* &* +@all" if role == ADMIN_ROLE else f"~* {REDIS_ROLE_RULES}"
+        lines.append(f"user {redis_user(role)} on >{password} {rules}")
+        urls[role] = f"redis://{redis_user(role)}:{password}@127.0.0.1:{port}/0"
+    path.write_text("\n".join(lines) + "\n")
+    return urls
+
+
+def redis_role_env(redis_url: str) -> dict[str, str]:
+    """Each platform role its own Redis user when ``redis_url`` is the session's (its
+    admin's URL); the in-process gateway, and tests loading these settings, use the
+    gateway's. Any other URL serves every role."""
+    roles = REDIS_ROLES if redis_url == REDIS_ROLES.get(ADMIN_ROLE) else {}
+    env = {"IMAGEFN_REDIS_URL": roles.get("gateway", redis_url)}
+    for role, url in roles.items():
+        if role != ADMIN_ROLE:
+            env[role_variable("IMAGEFN_REDIS_URL", role)] = url
+    return env
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's Redis, with an ACL (no access without credentials); yields the
+    admin's URL (every command: tests inspect and clean up with it). The platforms the
+    tests start use the roles' users (``platform_env``)."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail("redis-server is not installed; run deploy/setup.sh first")
     port = free_port()
     data = tmp_path_factory.mktemp("redis")
+    REDIS_ROLES.update(write_redis_acl(data / "users.acl", port))
     proc = subprocess.Popen(
         [
             exe,
@@ -222,6 +259,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "no",
             "--dir",
             str(data),
+            "--aclfile",
+            str(data / "users.acl"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -234,7 +273,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.kill()
             pytest.fail("redis-server did not start")
         time.sleep(0.02)
-    yield f"redis://127.0.0.1:{port}/0"
+    yield REDIS_ROLES[ADMIN_ROLE]
+    REDIS_ROLES.clear()
     proc.terminate()
     proc.wait(10)
 
@@ -380,8 +420,10 @@ def platform_env(redis_url: str, prefix: str, registry: RegistryInfo) -> dict[st
         **registry.env,
         # Only what the test sets: not the machine's own credentials file.
         "IMAGEFN_ENV_FILE": "/nonexistent",
-        "IMAGEFN_REDIS_URL": redis_url,
+        **redis_role_env(redis_url),
         "IMAGEFN_PREFIX": prefix,
+        # The gateway's bootstrap admin key; the CLI run by a test uses it too.
+        "IMAGEFN_ADMIN_KEY": TEST_ADMIN_KEY,
         "IMAGEFN_KAFKA_BOOTSTRAP": KAFKA["bootstrap"],
         # Small topics: the broker holds every test platform's topics at once.
         "IMAGEFN_KAFKA_INVOCATION_PARTITIONS": "4",
@@ -512,10 +554,9 @@ async def running_platform(
     prefix = prefix or f"it-{uuid.uuid4().hex[:8]}"
     env = {**platform_env(redis_url, prefix, registry), **(extra_env or {})}
     settings = load_settings(env)
-    runner = web.AppRunner(build_app(settings), access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    # Served as `imagefn gateway` serves it: with the slow-client and connection bounds.
+    runner, site = await start_gateway(build_app(settings), settings, "127.0.0.1", 0)
+    port = site.port
     platform = Platform(url=f"http://127.0.0.1:{port}", env=env, prefix=prefix, log_dir=log_dir)
     try:
         for _ in range(workers):
@@ -597,7 +638,10 @@ async def queue_platform(
 
 @pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+    # Tests call the platform as an operator would: with the admin key.
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=120), headers=ADMIN_HEADERS
+    ) as s:
         yield s
 
 

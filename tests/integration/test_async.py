@@ -114,9 +114,7 @@ async def test_failing_function_is_retried_then_dead_lettered_and_redriven_after
     assert all(a["error"]["type"] == "UserCodeError" for a in attempts)
     # Growing delays (1 s, then 2 s, IMAGEFN_RETRY_BASE_DELAY_S=1), within a tolerance:
     # the scheduler ticks every 0.1 s and a release costs a queue hop.
-    gaps = [
-        b["started_at"] - a["finished_at"] for a, b in itertools.pairwise(attempts)
-    ]
+    gaps = [b["started_at"] - a["finished_at"] for a, b in itertools.pairwise(attempts)]
     assert 0.9 <= gaps[0] <= 2.5, gaps
     assert 1.9 <= gaps[1] <= 3.5, gaps
     assert "retries exhausted" in doc["reason"]

@@ -315,6 +315,4 @@ async def test_a_redriven_item_of_an_expired_batch_leaves_no_batch_keys(kit: Kit
         await kit.redis.delete(key)  # the batch's retention passed
     await kit.log.requeue(first.request_id)  # what a redrive does first
     assert await kit.run(replace(first, attempt=2)) == "ran"
-    assert not await kit.redis.exists(
-        kit.keys.batch(batch_id), kit.keys.batch_results(batch_id)
-    )
+    assert not await kit.redis.exists(kit.keys.batch(batch_id), kit.keys.batch_results(batch_id))

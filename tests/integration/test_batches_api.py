@@ -24,6 +24,8 @@ from shared.settings import (
     RedisSettings,
     Settings,
 )
+from shared.settings_security import AuthSettings
+from tests.credentials import ADMIN_HEADERS, TEST_ADMIN_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -70,8 +72,9 @@ async def api(redis_url: str) -> AsyncIterator[Api]:
         redis=RedisSettings(url=redis_url),
         queue=QueueSettings(prefix=prefix),
         gateway=GatewaySettings(max_body_bytes=MAX_BODY, check_images=False),
+        auth=AuthSettings(admin_key=TEST_ADMIN_KEY),
     )
-    client = TestClient(TestServer(build_app(settings, queue=MemoryQueue())))
+    client = TestClient(TestServer(build_app(settings, queue=MemoryQueue())), headers=ADMIN_HEADERS)
     await client.start_server()
     redis = aioredis.Redis.from_url(redis_url)
     a = Api(client, redis, Keys(prefix))
@@ -160,8 +163,9 @@ async def test_a_batch_over_its_byte_limit_names_the_limit_and_leaves_nothing(
         queue=QueueSettings(prefix=prefix),
         gateway=GatewaySettings(check_images=False),
         asyncinv=AsyncSettings(batch_max_bytes=100_000),
+        auth=AuthSettings(admin_key=TEST_ADMIN_KEY),
     )
-    client = TestClient(TestServer(build_app(settings, queue=MemoryQueue())))
+    client = TestClient(TestServer(build_app(settings, queue=MemoryQueue())), headers=ADMIN_HEADERS)
     await client.start_server()
     redis = aioredis.Redis.from_url(redis_url)
     try:
@@ -288,8 +292,10 @@ async def test_a_client_gone_midway_leaves_nothing_behind(api: Api) -> None:
     server = api.client.server
     _, writer = await asyncio.open_connection(server.host, server.port)
     writer.write(
-        b"POST /v1/functions/fn/batches HTTP/1.1\r\nHost: x\r\n"
-        b"Content-Type: application/x-ndjson\r\nContent-Length: 100000000\r\n\r\n" + ndjson(20_000)
+        b"POST /v1/functions/fn/batches HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + f"Authorization: {ADMIN_HEADERS['Authorization']}\r\n".encode()
+        + b"Content-Type: application/x-ndjson\r\nContent-Length: 100000000\r\n\r\n"
+        + ndjson(20_000)
     )
     await writer.drain()
     # Staged while the body arrives ...

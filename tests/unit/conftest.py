@@ -20,6 +20,8 @@ from shared.imageref import parse_image_ref
 from shared.messages import Invocation, InvocationResult
 from shared.queue.memory import MemoryQueue
 from shared.settings import GatewaySettings, RegistrySettings, Settings, WorkerSettings
+from shared.settings_security import AuthSettings
+from tests.credentials import ADMIN_HEADERS, TEST_ADMIN_KEY
 from workers.forwarder import Forwarder
 from workers.images import ImageStore
 from workers.pool import ContainerPool
@@ -88,6 +90,7 @@ async def kit(make_pool: Callable[..., PoolKit]) -> PoolKit:
 GATEWAY_SETTINGS = Settings(
     gateway=GatewaySettings(max_body_bytes=4096, result_grace_s=0.5, check_images=False),
     registry=RegistrySettings(pull_timeout_s=2.0),
+    auth=AuthSettings(admin_key=TEST_ADMIN_KEY),
 )
 EVENT_SPEC = {"name": "hello", "image": "repo/hello:1", "timeout_s": 1, "init_timeout_s": 1}
 WEB_SPEC = {**EVENT_SPEC, "name": "site", "type": "web"}
@@ -171,7 +174,10 @@ async def gw(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
     )
     queue = MemoryQueue()
     images = FakeImages()
-    client = TestClient(TestServer(build_app(GATEWAY_SETTINGS, queue=queue, images=images)))
+    client = TestClient(
+        TestServer(build_app(GATEWAY_SETTINGS, queue=queue, images=images)),
+        headers=ADMIN_HEADERS,
+    )
     await client.start_server()
     g = Gateway(client, redis, queue)
     g.images = images

@@ -18,6 +18,7 @@ from typing import Any
 
 from shared.errors import PullImageFailed
 from shared.messages import Invocation
+from shared.settings_security import NetworkSettings
 from workers.forwarder import Response
 from workers.runtime import ContainerConfig, ContainerState, ManagedContainer
 
@@ -154,6 +155,9 @@ class FakeRuntime:
         self.removed_images: list[str] = []
         # Images remove_image refuses to delete (a container still uses them).
         self.image_locked: set[str] = set()
+        # Docker networks that exist: the platform's, as deploy/network.sh creates them.
+        defaults = NetworkSettings()
+        self.networks: set[str] = {defaults.network, defaults.network_no_egress}
 
     # -- test controls -----------------------------------------------------------------
 
@@ -322,6 +326,9 @@ class FakeRuntime:
         while True:
             yield await self.deaths.get()
 
+    async def network_exists(self, name: str) -> bool:
+        return name in self.networks
+
     async def image_size(self, image_ref: str) -> int | None:
         image = self.images.get(image_ref)
         return None if image is None else image.size_bytes
@@ -478,6 +485,12 @@ class FakePipeline:
     def hincrby(self, key: str, name: str, amount: int = 1) -> FakePipeline:
         return self._queue("hincrby", key, name, amount)
 
+    def hgetall(self, key: str) -> FakePipeline:
+        return self._queue("hgetall", key)
+
+    def get(self, key: str) -> FakePipeline:
+        return self._queue("get", key)
+
     def delete(self, *keys: str) -> FakePipeline:
         return self._queue("delete", *keys)
 
@@ -500,6 +513,37 @@ class FakePipeline:
         return results
 
 
+class _FakeBuckets:
+    """The rate limiter's token-bucket script (gateway.ratelimit.take over the fake's
+    hashes). ``sha`` is empty, so AutoPipeline calls it directly."""
+
+    sha = ""
+
+    def __init__(self, redis: FakeRedis) -> None:
+        self._redis = redis
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> list[int]:
+        from gateway.ratelimit import Bucket, Limit, take
+
+        self._redis._run("evalsha")
+        limits = [
+            Limit(k, "", float(args[2 * i]), int(args[2 * i + 1])) for i, k in enumerate(keys)
+        ]
+        buckets = []
+        for k in keys:
+            h = self._redis.hashes.get(k)
+            buckets.append(Bucket(float(h["tokens"]), float(h["at"])) if h else None)
+        after, denied = take(buckets, limits, time.time())
+        if denied is not None:
+            return [limits.index(denied.limit) + 1, int(denied.wait_s * 1000) + 1]
+        for k, bucket in zip(keys, after, strict=True):
+            self._redis.hashes[k] = {
+                "tokens": str(bucket.tokens).encode(),
+                "at": str(bucket.at).encode(),
+            }
+        return [0, 0]
+
+
 class FakeRedis:
     """The few commands the registry and the worker use: hashes, strings, ping, and
     pipelines (transactional or not).
@@ -514,6 +558,7 @@ class FakeRedis:
         self.hashes: dict[str, dict[str, bytes]] = {}
         self.strings: dict[str, bytes] = {}
         self.zsets: dict[str, dict[str, float]] = {}
+        self.streams: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
         self.ttls_ms: dict[str, int] = {}
         self.ping_error: Exception | None = None
         self.closed = False
@@ -548,10 +593,33 @@ class FakeRedis:
     def pipeline(self, transaction: bool = True) -> FakePipeline:
         return FakePipeline(self, transaction)
 
-    def register_script(self, script: str) -> Callable[..., Awaitable[int]]:
-        """Only the registry's publish script is known (its semantics, in Python)."""
+    async def _record_script(self, keys: list[str], args: list[Any]) -> int:
+        """shared.invocations' record script: a synchronous call's record, never written
+        over another caller's."""
+        self._run("evalsha")
+        self._fail_if_told("evalsha")
+        [key] = keys
+        owner = self._b(args[0])
+        held = self.hashes.get(key, {}).get("owner")
+        if held is not None and held != owner:
+            return 0
+        pairs = [self._b(a) for a in args[2:]]
+        fields = {k.decode(): v for k, v in zip(pairs[::2], pairs[1::2], strict=True)}
+        self.hashes.setdefault(key, {}).update({"owner": owner, **fields})
+        self.ttls_ms[key] = int(args[1]) * 1000
+        return 1
+
+    def register_script(self, script: str) -> Callable[..., Awaitable[Any]]:
+        """Only the registry's publish script, the rate limiter's bucket script and the
+        synchronous record script are known (their semantics, in Python)."""
+        from gateway.ratelimit import TAKE_SCRIPT
+        from shared.invocations import _RECORD
         from shared.registry import PUBLISH_SCRIPT
 
+        if script == TAKE_SCRIPT:
+            return _FakeBuckets(self)
+        if script == _RECORD:
+            return self._record_script
         if script != PUBLISH_SCRIPT:
             # Registering is harmless (components register their scripts when built);
             # running one is not something this fake can do.
@@ -589,6 +657,10 @@ class FakeRedis:
         elif ex is not None:
             self.ttls_ms[key] = ex * 1000
         return True
+
+    async def get(self, key: str) -> bytes | None:
+        self._run("get")
+        return self.strings.get(key)
 
     async def expire(self, key: str, seconds: int) -> bool:
         self._run("expire")
@@ -678,6 +750,28 @@ class FakeRedis:
         if key in self.hashes and not h:
             del self.hashes[key]  # Redis drops empty hashes
         return removed
+
+    async def xadd(
+        self,
+        key: str,
+        fields: dict[str, Any],
+        maxlen: int | None = None,
+        approximate: bool = True,
+    ) -> bytes:
+        self._run("xadd")
+        entries = self.streams.setdefault(key, [])
+        entry_id = f"{len(entries) + 1}-0".encode()
+        entries.append((entry_id, {k.encode(): self._b(v) for k, v in fields.items()}))
+        if maxlen is not None:
+            del entries[: max(0, len(entries) - maxlen)]
+        return entry_id
+
+    async def xrevrange(
+        self, key: str, count: int | None = None
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        self._run("xrevrange")
+        newest_first = list(reversed(self.streams.get(key, [])))
+        return newest_first if count is None else newest_first[:count]
 
     async def aclose(self) -> None:
         self.closed = True

@@ -31,6 +31,7 @@ from cli.main import (
 )
 from shared.errors import InvalidSpec, UserProcessExited
 from shared.settings import RegistrySettings, Settings
+from tests.credentials import TEST_ADMIN_KEY
 
 from .conftest import Gateway
 
@@ -307,6 +308,7 @@ async def test_client_commands_against_a_gateway(
 ) -> None:
     url = str(gw.client.make_url("")).rstrip("/")
     monkeypatch.setenv("IMAGEFN_GATEWAY", url)
+    monkeypatch.setenv("IMAGEFN_API_KEY", TEST_ADMIN_KEY)
     # The gateway logs on this process's stdout too; keep its lines out of the CLI's output.
     logs = stack.enter_context(capture_logs())
 
@@ -422,6 +424,7 @@ def run_cli(
     capsys: pytest.CaptureFixture[str],
 ) -> RunCli:
     monkeypatch.setenv("IMAGEFN_GATEWAY", str(gw.client.make_url("")).rstrip("/"))
+    monkeypatch.setenv("IMAGEFN_API_KEY", TEST_ADMIN_KEY)
     stack.enter_context(capture_logs())
 
     async def run(*argv: str) -> tuple[int, str, str]:
@@ -469,8 +472,13 @@ async def test_deploy_takes_the_registry_credentials_from_the_credentials_file(
 
     monkeypatch.setattr("cli.images.build_and_push", fake_build_and_push)
     env_file = tmp_path / "credentials.env"
-    env_file.write_text("IMAGEFN_DEPLOY_PASSWORD='from-file'\nIMAGEFN_REGISTRY=file.test:5000\n")
+    env_file.write_text(
+        "IMAGEFN_DEPLOY_PASSWORD='from-file'\nIMAGEFN_REGISTRY=file.test:5000\n"
+        f"IMAGEFN_ADMIN_KEY={TEST_ADMIN_KEY}\n"
+    )
     monkeypatch.setenv("IMAGEFN_ENV_FILE", str(env_file))
+    # The admin key too comes from the credentials file.
+    monkeypatch.delenv("IMAGEFN_API_KEY")
     monkeypatch.setenv("IMAGEFN_REGISTRY", "env.test:5000")
     spec = tmp_path / "function.yaml"
     spec.write_text("name: hello\nimage: team/hello:2\nbuild: .\n")

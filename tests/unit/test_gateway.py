@@ -20,6 +20,7 @@ from gateway.images import ResolvedImage
 from shared.errors import FunctionTimeout, ServiceUnavailable, UserProcessExited
 from shared.messages import Invocation, InvocationResult
 from shared.queue.memory import MemoryQueue
+from tests.credentials import ADMIN_HEADERS
 
 from .conftest import EVENT_SPEC, GATEWAY_SETTINGS, WEB_SPEC, FakeImages, Gateway
 from .fakes import FakeRedis
@@ -242,7 +243,8 @@ async def test_no_result_in_time_is_function_timeout(
     )
     queue = SilentQueue()
     async with TestClient(
-        TestServer(build_app(GATEWAY_SETTINGS, queue=queue, images=FakeImages()))
+        TestServer(build_app(GATEWAY_SETTINGS, queue=queue, images=FakeImages())),
+        headers=ADMIN_HEADERS,
     ) as c:
         assert (await c.put("/v1/functions/hello", json=EVENT_SPEC)).status == 201
         resp = await c.post("/v1/functions/hello/invoke", json={})

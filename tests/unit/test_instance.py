@@ -145,7 +145,8 @@ def test_view_is_a_snapshot() -> None:
     inst.inflight = 2
     view = inst.view()
     assert (view.id, view.function, view.version) == ("i9", "f", 3)
-    assert (view.state, view.inflight, view.memory_mb, view.retiring) == (S.STARTING, 2, 256, False)
+    # The memory the worker reserves: memory_mb plus the /tmp budget (tmp_mb, 512).
+    assert (view.state, view.inflight, view.memory_mb, view.retiring) == (S.STARTING, 2, 768, False)
     inst.retire("evicted")
     inst.inflight = 0
     assert view.inflight == 2 and not view.retiring

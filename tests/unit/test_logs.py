@@ -46,6 +46,7 @@ from shared.logreader import (
 from shared.logrecords import LogQuery
 from shared.queue.memory import MemoryQueue
 from shared.settings import KafkaSettings, Settings
+from tests.credentials import ADMIN_HEADERS
 
 from .conftest import EVENT_SPEC, GATEWAY_SETTINGS, FakeImages, Gateway
 from .fakes import FakeRedis, closed_port
@@ -468,7 +469,7 @@ async def gateway_with(
         app = build_app(settings, queue=MemoryQueue(), images=FakeImages())
         if reader is not None:
             app[LOG_READER] = reader
-        client = TestClient(TestServer(app))
+        client = TestClient(TestServer(app), headers=ADMIN_HEADERS)
         await client.start_server()
         clients.append(client)
         resp = await client.put("/v1/functions/hello", json=EVENT_SPEC)
@@ -484,6 +485,7 @@ async def test_logs_off_is_503(gateway_with: Any) -> None:
     settings = Settings(
         gateway=GATEWAY_SETTINGS.gateway,
         registry=GATEWAY_SETTINGS.registry,
+        auth=GATEWAY_SETTINGS.auth,
         kafka=KafkaSettings(bootstrap=""),
     )
     # load_settings turns logs off with an empty bootstrap.
@@ -497,6 +499,7 @@ async def test_unreachable_kafka_is_503(gateway_with: Any) -> None:
     settings = Settings(
         gateway=GATEWAY_SETTINGS.gateway,
         registry=GATEWAY_SETTINGS.registry,
+        auth=GATEWAY_SETTINGS.auth,
         kafka=KafkaSettings(bootstrap=f"127.0.0.1:{closed_port()}"),
     )
     client = await gateway_with(settings)

@@ -553,7 +553,8 @@ CONFIG = ContainerConfig(
     cpus=1.0,
     pids_limit=10,
     nofile_limit=10,
-    tmpfs_size_mb=1,
+    tmp_mb=16,
+    network="imagefn-fn",
 )
 
 

@@ -462,7 +462,7 @@ async def test_at_max_instances_a_busy_old_version_makes_the_new_one_wait(
 async def test_memory_pressure_evicts_the_functions_idle_old_version(
     make_pool: Callable[..., PoolKit],
 ) -> None:
-    kit = make_pool(memory_capacity_mb=1024)
+    kit = make_pool(memory_capacity_mb=2048)  # each reserves memory_mb + tmp_mb (512)
     old = await kit.pool.invoke(make_invocation(make_record("f", version=1, memory_mb=768)))
     new = await kit.pool.invoke(make_invocation(make_record("f", version=2, memory_mb=512)))
     assert old.error is None and new.error is None
@@ -472,7 +472,7 @@ async def test_memory_pressure_evicts_the_functions_idle_old_version(
 async def test_memory_pressure_evicts_another_functions_idle_instance(
     make_pool: Callable[..., PoolKit],
 ) -> None:
-    kit = make_pool(memory_capacity_mb=1024)
+    kit = make_pool(memory_capacity_mb=2048)  # each reserves memory_mb + tmp_mb (512)
     g = await kit.pool.invoke(make_invocation(make_record("g", memory_mb=768)))
     f = await kit.pool.invoke(make_invocation(make_record("f", memory_mb=512)))
     assert g.error is None and f.error is None
@@ -584,7 +584,7 @@ async def test_waiter_gets_the_instance_whose_starter_gave_up(kit: PoolKit) -> N
 async def test_memory_waiter_is_woken_when_another_functions_instance_goes_idle(
     make_pool: Callable[..., PoolKit],
 ) -> None:
-    kit = make_pool(memory_capacity_mb=1024)
+    kit = make_pool(memory_capacity_mb=2048)  # each reserves memory_mb + tmp_mb (512)
     gate = asyncio.Event()
     kit.forwarder.then(gate_step(gate))
     busy = asyncio.create_task(
@@ -817,7 +817,7 @@ async def test_a_failed_pause_retires_the_instance(make_pool: Callable[..., Pool
 async def test_frozen_instances_are_evicted_under_memory_pressure(
     make_pool: Callable[..., PoolKit],
 ) -> None:
-    kit = make_pool(memory_capacity_mb=1024, pause_after_s=0.05)
+    kit = make_pool(memory_capacity_mb=2048, pause_after_s=0.05)
     g = await kit.pool.invoke(make_invocation(make_record("g", memory_mb=768)))
     [g_inst] = kit.pool.instances()
     await eventually(lambda: g_inst.state is State.PAUSED)

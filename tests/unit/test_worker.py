@@ -115,7 +115,7 @@ async def test_janitor_removes_only_dead_workers_containers_of_this_installation
 
     async def container(installation: str, owner: str) -> str:
         labels = {LABEL_MANAGED: "1", LABEL_INSTALLATION: installation, LABEL_WORKER: owner}
-        config = ContainerConfig("c", "img", None, None, {}, labels, 128, 1.0, 1, 1, 1)
+        config = ContainerConfig("c", "img", None, None, {}, labels, 128, 1.0, 1, 1, 16, "net")
         return await kit.runtime.create(config)
 
     dead = await container(INSTALLATION, "dead-worker")

@@ -24,6 +24,12 @@ this order (fields combine):
   {"size": N}                answer N bytes of "x"                       -> ResultTooLarge
   {"status": N}              answer with status N instead of 200
   {"body": B}                answer B instead of the description (str as text, else JSON)
+  {"connect": [{"host": H, "port": P, "timeout_s": S}, ...]}
+                             try a TCP connection to each (at once, default timeout 2 s);
+                             the answer gets "connect": [{"host", "port", "ok", "error",
+                             "seconds"}, ...] in order (error: "timeout", "refused", ...)
+  {"write_tmp_mb": N}        write N MiB to a file in /tmp (removed afterwards); the
+                             answer gets "write_tmp": {"written_mb", "error"}
 
 and after the response has been sent:
 
@@ -53,6 +59,8 @@ as above; ?header=Name:Value (repeatable) adds a response header.
 """
 
 import base64
+import contextlib
+import errno
 import json
 import os
 import resource
@@ -62,6 +70,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -181,6 +190,11 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return
         del ballast
+        probes: dict[str, Any] = {}
+        if spec.get("connect"):
+            probes["connect"] = connect_all(spec["connect"])
+        if "write_tmp_mb" in spec:
+            probes["write_tmp"] = write_tmp(int(spec["write_tmp_mb"]))
         headers = spec.get("headers") or {}
         if "size" in spec:
             self.send(200, b"x" * int(spec["size"]), "text/plain", headers)
@@ -188,6 +202,8 @@ class Handler(BaseHTTPRequestHandler):
         # TESTFN_FAIL_STATUS: a deployed bug (every event fails) that a redeploy fixes.
         status = int(spec.get("status", os.environ.get("TESTFN_FAIL_STATUS", 200)))
         body = spec["body"] if "body" in spec else describe()
+        if probes and isinstance(body, dict):
+            body.update(probes)
         if isinstance(body, str):
             self.send(status, body.encode(), "text/plain", headers)
         else:
@@ -241,6 +257,47 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         if not os.environ.get("TESTFN_QUIET"):  # set: no access log line per request
             print(f"testfn: {format % args}", file=sys.stderr, flush=True)
+
+
+def connect_one(target: dict[str, Any]) -> dict[str, Any]:
+    host, port = str(target["host"]), int(target["port"])
+    started = time.monotonic()
+    result: dict[str, Any] = {"host": host, "port": port, "ok": False, "error": None}
+    try:
+        socket.create_connection((host, port), float(target.get("timeout_s", 2.0))).close()
+        result["ok"] = True
+    except TimeoutError:
+        result["error"] = "timeout"
+    except ConnectionRefusedError:
+        result["error"] = "refused"
+    except OSError as e:
+        result["error"] = errno.errorcode.get(e.errno or 0, str(e))
+    result["seconds"] = round(time.monotonic() - started, 3)
+    return result
+
+
+def connect_all(targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """All at once: a dropped connection waits its whole timeout."""
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(targets)))) as pool:
+        return list(pool.map(connect_one, targets))
+
+
+def write_tmp(mb: int) -> dict[str, Any]:
+    path = f"/tmp/testfn-fill-{os.getpid()}-{threading.get_ident()}"
+    chunk = b"\x02" * (1 << 20)
+    written, error = 0, None
+    try:
+        with open(path, "wb") as f:
+            for _ in range(mb):
+                f.write(chunk)
+                f.flush()
+                written += 1
+    except OSError as e:
+        error = errno.errorcode.get(e.errno or 0, str(e))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return {"written_mb": written, "error": error}
 
 
 def write_output(steps: list[dict[str, Any]]) -> None:
