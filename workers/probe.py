@@ -34,6 +34,11 @@ async def probe_port(host_port: int) -> bool:
     return data != b""
 
 
+# On a user-defined network the engine's embedded DNS server listens inside every
+# container's namespace on 127.0.0.11 (a random TCP port): the engine's, not the function's.
+ENGINE_DNS = "127.0.0.11"
+
+
 def _listeners(pid: int) -> list[str] | None:
     """Listening addresses in the process's network namespace; None when unreadable."""
     found: list[str] = []
@@ -57,6 +62,8 @@ def _listeners(pid: int) -> list[str] | None:
             else:
                 octets = [str(int(addr_hex[i : i + 2], 16)) for i in (6, 4, 2, 0)]
                 addr = ".".join(octets)
+                if addr == ENGINE_DNS:
+                    continue
             found.append(f"{addr}:{port}")
     return sorted(set(found)) if readable else None
 

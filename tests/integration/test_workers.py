@@ -129,7 +129,7 @@ async def test_every_instance_runs_in_the_sandbox(
     platform: Platform, client: aiohttp.ClientSession
 ) -> None:
     name = unique("sandbox")
-    await platform.deploy(client, name, memory_mb=192, cpus=0.5, env={"TEST_A": "1"})
+    await platform.deploy(client, name, memory_mb=192, tmp_mb=64, cpus=0.5, env={"TEST_A": "1"})
     status, headers, body = await platform.invoke(client, name, {})
     assert status == 200
     assert body["tmp_writable"] is True
@@ -141,10 +141,12 @@ async def test_every_instance_runs_in_the_sandbox(
     assert host["ReadonlyRootfs"] is True
     assert host["CapDrop"] == ["ALL"]
     assert "no-new-privileges" in host["SecurityOpt"]
-    assert host["Memory"] == 192 * 1024 * 1024
+    # The heap's 192 MiB plus /tmp's own 64 MiB (a tmpfs is memory), no swap.
+    assert host["Memory"] == host["MemorySwap"] == (192 + 64) * 1024 * 1024
     assert host["NanoCpus"] == 500_000_000
     assert host["PidsLimit"] == 1024
-    assert "/tmp" in host["Tmpfs"]
+    assert host["Tmpfs"] == {"/tmp": "rw,nosuid,nodev,size=64m"}
+    assert host["NetworkMode"] == "imagefn-fn"
     assert not host.get("Binds")
     assert not info["Mounts"]
     assert host["Privileged"] is False

@@ -92,3 +92,22 @@ async def test_listeners_are_read_from_proc_and_unreadable_is_not_false() -> Non
     assert _listeners(2**22 + 12345) is None  # no such process: unreadable, not "none"
     assert await listens_on_9000(2**22 + 12345) is None
     assert await listens_on_9000(0) is None
+
+
+async def test_the_engines_embedded_dns_listener_is_not_the_functions() -> None:
+    import os
+    import socket
+
+    from workers.probe import ENGINE_DNS, _listeners
+
+    # On a user-defined network the engine's DNS server listens in the container's
+    # namespace on 127.0.0.11: a server that never listens must not be taken for one on
+    # the wrong address because of it.
+    with socket.socket() as dns, socket.socket() as own:
+        dns.bind((ENGINE_DNS, 0))
+        dns.listen()
+        own.bind(("127.0.0.12", 0))
+        own.listen()
+        found = _listeners(os.getpid()) or []
+        assert f"127.0.0.12:{own.getsockname()[1]}" in found
+        assert not [a for a in found if a.startswith(ENGINE_DNS + ":")]
