@@ -64,12 +64,17 @@ class WarmRouter:
         self._queue = queue
         self._inventories: Inventories = {}
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def start(self) -> None:
         await self._refresh()
         self._task = asyncio.create_task(self._loop(), name="gateway-router-refresh")
 
     async def close(self) -> None:
+        # The flag as well as the cancel: a cancel that lands inside a Redis call can be
+        # swallowed by the client (seen as a gateway that never finished stopping); the
+        # loop then ends at its next turn instead of running on.
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -87,7 +92,7 @@ class WarmRouter:
         return worker
 
     async def _loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(REFRESH_S)
             try:
                 await self._refresh()

@@ -31,6 +31,7 @@ from shared import logreader, logrecords
 from shared.kafka import ensure_topics, producer
 from shared.logreader import partition_for
 from shared.settings import load_settings
+from tests.credentials import TEST_ADMIN_KEY
 from tests.integration.conftest import (
     REPO,
     Platform,
@@ -474,7 +475,12 @@ async def test_gateway_shutdown_ends_a_follower(
 
 
 def cli_env(platform: Platform) -> dict[str, str]:
-    return {**os.environ, "IMAGEFN_GATEWAY": platform.url, "IMAGEFN_ENV_FILE": "/nonexistent"}
+    return {
+        **os.environ,
+        "IMAGEFN_GATEWAY": platform.url,
+        "IMAGEFN_ENV_FILE": "/nonexistent",
+        "IMAGEFN_API_KEY": TEST_ADMIN_KEY,
+    }
 
 
 async def run_cli(platform: Platform, *argv: str, timeout_s: float = 60) -> tuple[int, str, str]:
