@@ -85,12 +85,12 @@ curl -sS -i "$GATEWAY/web/web-app/echo?x=1"
 echo
 
 step "without an API key the API answers 401: curl -X POST $GATEWAY/v1/functions/hello-event/invoke"
-curl -sS -o /dev/null -w '%{http_code}\n' -X POST "$GATEWAY/v1/functions/hello-event/invoke"
+curl -sS -w '\n' -X POST "$GATEWAY/v1/functions/hello-event/invoke"
 step "imagefn keys create demo-invoker --scope invoke:hello-event --expires-in 3600   # shown once"
 key=$("$IMAGEFN" keys create demo-invoker --scope invoke:hello-event --expires-in 3600 | head -1)
 step "with it: curl -H 'Authorization: Bearer ifn_…' -X POST $GATEWAY/v1/functions/hello-event/invoke"
-curl -sS -H "Authorization: Bearer $key" -X POST --data '{"name":"key holder"}' \
-  "$GATEWAY/v1/functions/hello-event/invoke"
+curl -sS -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
+  -X POST --data '{"name":"key holder"}' "$GATEWAY/v1/functions/hello-event/invoke"
 echo
 
 step "imagefn ls"
