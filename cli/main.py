@@ -40,6 +40,8 @@ from cli.batch import add_parsers as add_batch_parsers
 from cli.keys import add_parsers as add_keys_parsers
 from cli.logs import render as render_log
 from cli.logs import sse_events
+from cli.triggers import add_parsers as add_trigger_parsers
+from cli.triggers import deploy_triggers
 from shared.errors import ImagefnError
 from shared.http import CALLER_REQUEST_ID
 from shared.logs import configure_logging
@@ -95,8 +97,15 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> None:
     from workers.coldstart import serve_coldstart
     from workers.scheduler import serve_scheduler
     from workers.service import serve_worker
+    from workers.triggers import serve_triggers
 
-    _serve(settings, serve_gateway, serve_worker, serve_coldstart, serve_scheduler)
+    _serve(settings, serve_gateway, serve_worker, serve_coldstart, serve_scheduler, serve_triggers)
+
+
+def cmd_triggers(args: argparse.Namespace, settings: Settings) -> None:
+    from workers.triggers import serve_triggers
+
+    _serve(settings, serve_triggers)
 
 
 def cmd_scheduler(args: argparse.Namespace, settings: Settings) -> None:
@@ -149,6 +158,8 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
     # `build: DIR` (relative to the spec file) is the CLI's business: build and push the
     # image there, then deploy the spec, whose tag the gateway pins to its digest.
     build = doc.pop("build", None)
+    # `triggers:` too: created or updated once the function is deployed.
+    triggers = doc.pop("triggers", None)
     if build is not None:
         if not isinstance(build, str) or not isinstance(doc.get("image"), str):
             raise CliError(f"{args.file}: 'build' is a directory and needs an 'image' to push to")
@@ -162,6 +173,8 @@ def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
     rec = json.loads(raw)
     verb = "created" if status == 201 else "updated"
     print(f"{verb} {rec['name']} version {rec['version']} ({rec['type']}): {rec['image_ref']}")
+    if triggers is not None:
+        deploy_triggers(args, rec["name"], triggers)
 
 
 def cmd_invoke(args: argparse.Namespace, settings: Settings) -> None:
@@ -358,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=960.0, help="client timeout in seconds")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser(
-        "up", help="run a gateway, a worker and a cold-start manager in the foreground"
+        "up",
+        help="run a gateway, a worker, a cold-start manager, a scheduler and a trigger runner "
+        "in the foreground",
     ).set_defaults(fn=cmd_up)
     sub.add_parser("gateway", help="run a gateway in the foreground").set_defaults(fn=cmd_gateway)
     sub.add_parser("worker", help="run a worker in the foreground").set_defaults(fn=cmd_worker)
@@ -369,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "coldstart", help="run a cold-start manager (provisioned instances) in the foreground"
     ).set_defaults(fn=cmd_coldstart)
+    sub.add_parser("triggers", help="run a trigger runner (timers) in the foreground").set_defaults(
+        fn=cmd_triggers
+    )
     d = sub.add_parser("deploy", help="create or replace a function from a spec file")
     d.add_argument("-f", "--file", required=True, help="function spec, YAML or JSON")
     d.set_defaults(fn=cmd_deploy)
@@ -425,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_async_parsers(sub)  # invocation, dlq
     add_batch_parsers(sub)
     add_keys_parsers(sub)
+    add_trigger_parsers(sub)
     return p
 
 

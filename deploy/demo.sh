@@ -93,6 +93,13 @@ curl -sS -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
   -X POST --data '{"name":"key holder"}' "$GATEWAY/v1/functions/hello-event/invoke"
 echo
 
+step "imagefn trigger add hello-event every-2s --cron '*/2 * * * * *' --payload tick   # a timer (seconds first)"
+"$IMAGEFN" trigger add hello-event every-2s --cron '*/2 * * * * *' --payload tick
+sleep 5
+step "imagefn trigger ls hello-event   # fired by the trigger runner that imagefn up runs"
+"$IMAGEFN" trigger ls hello-event
+"$IMAGEFN" trigger rm hello-event every-2s
+
 step "imagefn ls"
 "$IMAGEFN" ls
 

@@ -65,7 +65,7 @@ if ! .venv/bin/python -c '' 2>/dev/null; then
 fi
 if [ ! -x .venv/bin/imagefn ] || [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   step "installing imagefn and its dev tools into .venv"
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev,broker]'
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev,broker,objectstore]'
   touch "$STAMP"
 fi
 
@@ -88,4 +88,6 @@ done
 bash deploy/registry.sh
 # --- Kafka-protocol broker (invocation queue backend "kafka", container logs) -------
 bash deploy/kafka.sh
+# --- object store (SeaweedFS; its filer's change feed goes to the broker: after it) --
+bash deploy/seaweedfs.sh
 step "setup done"

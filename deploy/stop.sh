@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Stops the `imagefn up` started by deploy/demo.sh. imagefn drains in-flight work and
 # removes its containers itself; this only signals it and waits. Safe to run again.
-# The function networks and their firewall rules stay, like the registry and the broker
-# (other installations on this engine, tests included, use them): `deploy/network.sh
+# The function networks and their firewall rules stay, like the registry, the broker and
+# the object store (other installations on this engine, tests included, use them): `deploy/network.sh
 # remove` takes them away once no instance is attached.
 set -euo pipefail
 

@@ -27,7 +27,9 @@ from gateway import (
     invoke,
     keys,
     logs,
+    s3events,
     token_service,
+    triggers,
 )
 from gateway.auth import CHALLENGE, authenticate, principal_of, redact_output
 from gateway.context import (
@@ -228,6 +230,8 @@ def build_app(
     app.router.add_routes(invoke.routes)
     app.router.add_routes(dlq.routes)
     app.router.add_routes(keys.routes)
+    app.router.add_routes(triggers.routes)
+    app.router.add_routes(s3events.routes)
     app.router.add_routes(audit.routes)
     batches.setup(app)
     admission.setup(app)

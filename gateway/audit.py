@@ -28,6 +28,10 @@ CONTROL_ACTIONS: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/functions/{name}/dlq"): "dlq.purge",
     ("DELETE", "/v1/functions/{name}/dlq/{request_id}"): "dlq.delete",
     ("DELETE", "/v1/batches/{batch_id}"): "batch.cancel",
+    ("PUT", "/v1/functions/{name}/triggers/{trigger}"): "trigger.put",
+    ("DELETE", "/v1/functions/{name}/triggers/{trigger}"): "trigger.delete",
+    ("POST", "/v1/functions/{name}/triggers/{trigger}/enable"): "trigger.enable",
+    ("POST", "/v1/functions/{name}/triggers/{trigger}/disable"): "trigger.disable",
     ("POST", "/v1/keys"): "key.create",
     ("DELETE", "/v1/keys/{key_id}"): "key.revoke",
 }
@@ -53,7 +57,13 @@ async def audit(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     finally:
         info = request.match_info
-        target = info.get("alias") or info.get("key_id") or info.get("batch_id") or ""
+        target = (
+            info.get("alias")
+            or info.get("trigger")
+            or info.get("key_id")
+            or info.get("batch_id")
+            or ""
+        )
         entry = AuditEntry(
             action=action,
             key_id=principal_of(request).key_id,

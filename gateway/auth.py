@@ -58,6 +58,15 @@ ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/functions/{name}/dlq/{request_id}"): "deploy",
     ("GET", "/v1/functions/{name}/destinations"): "read",
     ("POST", "/v1/functions/{name}/batches"): "invoke",
+    ("GET", "/v1/functions/{name}/triggers"): "read",
+    ("PUT", "/v1/functions/{name}/triggers/{trigger}"): "deploy",
+    ("GET", "/v1/functions/{name}/triggers/{trigger}"): "read",
+    ("DELETE", "/v1/functions/{name}/triggers/{trigger}"): "deploy",
+    ("POST", "/v1/functions/{name}/triggers/{trigger}/enable"): "deploy",
+    ("POST", "/v1/functions/{name}/triggers/{trigger}/disable"): "deploy",
+    # S3 event notifications: each matching trigger fires if the key has invoke on its
+    # function (gateway/s3events.py).
+    ("POST", "/v1/triggers/s3-events"): LOOKUP,
     ("GET", "/v1/invocations/{request_id}"): LOOKUP,
     ("GET", "/v1/batches/{batch_id}"): LOOKUP,
     ("DELETE", "/v1/batches/{batch_id}"): LOOKUP,

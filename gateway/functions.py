@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 
 from gateway.auth import hide_env, principal_of
 from gateway.capacity import check_spec_fits
-from gateway.context import IMAGES, INVOCATIONS, REGISTRY
+from gateway.context import IMAGES, INVOCATIONS, REDIS, REGISTRY, SETTINGS
 from gateway.errors import log
 from gateway.specbody import MAX_SPEC_BYTES, parse_spec_body
 from shared.errors import (
@@ -21,7 +21,9 @@ from shared.errors import (
     ServiceUnavailable,
 )
 from shared.invocations import record_not_found
+from shared.keys import Keys
 from shared.spec import parse_spec
+from shared.triggers import TriggerStore
 
 routes = web.RouteTableDef()
 
@@ -139,5 +141,9 @@ async def get_invocation(request: web.Request) -> web.Response:
 async def delete_function(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     await request.app[REGISTRY].delete(name)
-    log.info("function_deleted", function=name)
+    # Its triggers go with it: a trigger of a deleted function would only fail.
+    dropped = await TriggerStore(
+        request.app[REDIS], Keys(request.app[SETTINGS].queue.prefix)
+    ).delete_all(name)
+    log.info("function_deleted", function=name, triggers=dropped)
     return web.Response(status=204)

@@ -5,23 +5,20 @@ pull timeout (see ``_wait_s``)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Iterable
 
 import structlog
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from gateway.auth import principal_of, require_web_caller
 from gateway.context import INVOCATIONS, LIMITER, QUEUE, REGISTRY, REQUEST_ID, ROUTER, SETTINGS
+from shared.asyncsubmit import async_invocation, submit_async
 from shared.errors import (
     FunctionTimeout,
     InvalidRequest,
-    RequestIdConflict,
     RequestTooLarge,
-    ServiceUnavailable,
     error_from_dict,
 )
 from shared.http import (
@@ -165,52 +162,16 @@ async def _accept_async(
     request: web.Request, record: FunctionRecord, qualifier: str, body: bytes
 ) -> web.Response:
     """Enqueue an asynchronous event; 202 only once it is durably in the queue."""
-    request_id: str = request[REQUEST_ID]
-    now = time.time()
-    inv = Invocation(
-        request_id=request_id,
-        record=record,
-        kind="event",
-        body=body,
-        deadline=0.0,  # nobody waits; max_event_age_s bounds it instead
-        enqueued_at=now,
-        version=_scf_version(qualifier, record),
-        mode="async",
-        accepted_at=now,
-        qualifier=qualifier,
-        owner=principal_of(request).key_id,
+    inv = async_invocation(
+        record, qualifier, body, request[REQUEST_ID], principal_of(request).key_id
     )
-    answer = {"request_id": request_id, "function": inv.function, "qualifier": qualifier}
-    records = request.app[INVOCATIONS]
-    try:
-        verdict = await records.accept(inv)
-    except RedisError as e:
-        raise ServiceUnavailable(f"invocation records unavailable: {e}") from e
+    answer = {"request_id": inv.request_id, "function": inv.function, "qualifier": qualifier}
+    worker = request.app[ROUTER].route(inv.function, record.version)
+    verdict = await submit_async(request.app[INVOCATIONS], request.app[QUEUE], inv, worker)
     if verdict == "duplicate":
         # The same request id again (a client retrying after a lost answer): accepted
         # once already, so not enqueued twice.
         return web.json_response({**answer, "state": "queued", "duplicate": True}, status=202)
-    if verdict == "conflict":
-        raise RequestIdConflict(
-            f"request id {request_id} belongs to another caller's invocation; "
-            "choose another X-Request-Id (or send none)"
-        )
-    if verdict == "busy":
-        raise ServiceUnavailable(
-            f"request id {request_id} is being accepted by another call; try again shortly"
-        )
-    try:
-        worker = request.app[ROUTER].route(inv.function, record.version)
-        await request.app[QUEUE].publish(inv, worker)
-    except BaseException:
-        # Not accepted: forget the record, so that the caller's retry with the same
-        # request id is enqueued rather than taken for a duplicate.
-        with contextlib.suppress(RedisError):
-            await records.forget(request_id)
-        raise
-    with contextlib.suppress(RedisError):
-        # Only a label for readers: the worker begins from "accepting" just as well.
-        await records.queued(request_id)
     log.info("async_accepted", function=inv.function, version=record.version)
     return web.json_response({**answer, "state": "queued"}, status=202)
 

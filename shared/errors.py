@@ -80,6 +80,12 @@ class FunctionNotFound(ImagefnError):
     http_status = 404
 
 
+class TriggerNotFound(ImagefnError):
+    """The function has no trigger of that name."""
+
+    http_status = 404
+
+
 class InvocationNotFound(ImagefnError):
     """No record of that request id (unknown, or past the records' retention)."""
 

@@ -37,6 +37,15 @@ class Keys:
         """Stream, capped: one entry per control action (shared/audit.py)."""
         return f"{self.prefix}:audit"
 
+    @property
+    def triggers(self) -> str:
+        """Hash: "function/name" → trigger JSON (shared/triggers.py)."""
+        return f"{self.prefix}:triggers"
+
+    def trigger_state(self, trigger_id: str) -> str:
+        """Hash: what runners observed of one trigger (last/next fire, errors, lag)."""
+        return f"{self.prefix}:trigger-state:{trigger_id}"
+
     def invocation(self, request_id: str) -> str:
         """Hash with a TTL: the record of one invocation (shared/invocations.py): its
         state, metadata and one field per attempt."""

@@ -22,6 +22,9 @@ COMMAND_ROLES = {
     "worker": "worker",  # the worker's log shipper child runs with the worker's settings
     "scheduler": "scheduler",
     "coldstart": "coldstart",
+    # The trigger runner does what a scheduler does (reads functions, accepts and
+    # publishes invocations): it runs as the scheduler's user.
+    "triggers": "scheduler",
     "up": "platform",
 }
 # The operators' role (redis-cli in the deploy scripts, benchmarks, backups): every

@@ -15,6 +15,7 @@ from typing import TypedDict
 
 from shared.envparse import _bool, _float, _int, _positive, _positive_float
 from shared.errors import InvalidRequest
+from shared.settings_objectstore import ObjectStoreSettings, load_objectstore
 from shared.settings_security import (
     AuthSettings,
     IntakeSettings,
@@ -255,6 +256,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     intake: IntakeSettings = field(default_factory=IntakeSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
+    objectstore: ObjectStoreSettings = field(default_factory=ObjectStoreSettings)
     log_level: str = "info"
     # Run servers on uvloop when it is installed (it roughly halves event-loop overhead).
     uvloop: bool = True
@@ -472,6 +474,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         auth=load_auth(env),
         intake=load_intake(env),
         network=load_network(env),
+        objectstore=load_objectstore(env),
         log_level=env.get("IMAGEFN_LOG_LEVEL") or "info",
         uvloop=_bool(env, "IMAGEFN_UVLOOP", True),
     )

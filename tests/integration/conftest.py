@@ -466,6 +466,7 @@ class WorkerProcess:
             "worker": "worker_ready",
             "coldstart": "coldstart_started",
             "scheduler": "scheduler_started",
+            "triggers": "trigger_runner_ready",
         }[self.command]
         while ready not in self.log_text():
             if self.proc.poll() is not None:
@@ -511,6 +512,12 @@ class Platform:
         self.managers.append(m)
         await m.wait_ready()
         return m
+
+    async def add_trigger_runner(self) -> WorkerProcess:
+        t = WorkerProcess(self.env, self.log_dir, command="triggers")
+        self.managers.append(t)
+        await t.wait_ready()
+        return t
 
     async def add_scheduler(self) -> WorkerProcess:
         s = WorkerProcess(self.env, self.log_dir, command="scheduler")

