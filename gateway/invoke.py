@@ -196,7 +196,9 @@ async def invoke_web(request: web.Request) -> web.Response:
     if record.spec.auth != "public":
         # The platform key was for the gateway; the function never sees it.
         incoming = [(k, v) for k, v in incoming if k.lower() != "authorization"]
-    headers = forwarded_headers(incoming, request.remote or "", request.host, request.scheme)
+    headers = forwarded_headers(
+        incoming, request.remote or "", request.host, request.scheme, prefix
+    )
     request_id: str = request[REQUEST_ID]
     wait_s = _wait_s(request, record)
     inv = Invocation(

@@ -42,17 +42,22 @@ SCF_ERROR_TYPE_HEADER = "X-Scf-Error-Type"
 
 # Set by the gateway alone: a caller's own values would let it claim another address,
 # host or scheme to the function.
-FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "forwarded"})
+FORWARDED = frozenset(
+    {"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-prefix", "forwarded"}
+)
 
 
 def forwarded_headers(
-    caller: Iterable[tuple[str, str]], peer: str, host: str, scheme: str
+    caller: Iterable[tuple[str, str]], peer: str, host: str, scheme: str, prefix: str = ""
 ) -> list[tuple[str, str]]:
     """What a web function receives of the caller's headers: hop-by-hop ones dropped;
     X-Scf-* (the platform's own) and any header name with an underscore (which some
     servers read as a dash, so ``X_Scf_Request_Id`` could pass for ``X-Scf-Request-Id``)
     dropped; X-Forwarded-* built here, the caller's X-Forwarded-For appended to, never
-    trusted as it is."""
+    trusted as it is. ``prefix`` (``/web/NAME``), when given, goes out as
+    X-Forwarded-Prefix: the path the function's own paths hang under, which an app
+    needs to write absolute links and redirects (werkzeug's ProxyFix ``x_prefix``,
+    Django's ``FORCE_SCRIPT_NAME``)."""
     prior: list[str] = []
     out: list[tuple[str, str]] = []
     for k, v in strip_hop_by_hop(caller):
@@ -71,4 +76,6 @@ def forwarded_headers(
         ("X-Forwarded-Host", host),
         ("X-Forwarded-Proto", scheme),
     ]
+    if prefix:
+        out.append(("X-Forwarded-Prefix", prefix))
     return out

@@ -72,6 +72,7 @@ def test_forwarded_headers_are_the_gateways_own() -> None:
         ("X-Forwarded-For", "203.0.113.9"),
         ("X-Forwarded-Host", "evil.example"),
         ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Prefix", "/admin"),
         ("Forwarded", "for=1.2.3.4"),
         ("x-scf-request-id", "forged"),
         ("X-SCF-Name", "other"),
@@ -89,3 +90,10 @@ def test_forwarded_headers_are_the_gateways_own() -> None:
         ("X-Forwarded-Proto", "http"),
     ]
     assert forwarded_headers([], "10.0.0.1", "h", "http")[1] == ("X-Forwarded-For", "10.0.0.1")
+
+
+def test_forwarded_prefix_is_the_gateways_own() -> None:
+    caller = [("X-Forwarded-Prefix", "/admin"), ("Accept", "*/*")]
+    got = forwarded_headers(caller, "127.0.0.1", "h", "http", "/web/app")
+    assert ("X-Forwarded-Prefix", "/web/app") in got
+    assert ("X-Forwarded-Prefix", "/admin") not in got
