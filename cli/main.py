@@ -153,8 +153,26 @@ def _load_spec_file(path: str) -> dict[str, Any]:
     return doc
 
 
+def merge_env(doc: dict[str, Any], pairs: list[str], source: str) -> None:
+    """``--env NAME=VALUE`` over the spec's own ``env``: values that differ per machine or
+    are secret (a store's endpoint and keys) stay out of the spec file. The gateway
+    checks names and sizes as for any spec."""
+    if not pairs:
+        return
+    env = doc.get("env", {})
+    if not isinstance(env, dict):
+        raise CliError(f"{source}: 'env' must be a mapping of names to string values")
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise CliError(f"--env {pair!r}: expected NAME=VALUE")
+        env[name] = value
+    doc["env"] = env
+
+
 def cmd_deploy(args: argparse.Namespace, settings: Settings) -> None:
     doc = _load_spec_file(args.file)
+    merge_env(doc, args.env, args.file)
     # `build: DIR` (relative to the spec file) is the CLI's business: build and push the
     # image there, then deploy the spec, whose tag the gateway pins to its digest.
     build = doc.pop("build", None)
@@ -389,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = sub.add_parser("deploy", help="create or replace a function from a spec file")
     d.add_argument("-f", "--file", required=True, help="function spec, YAML or JSON")
+    d.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set an environment variable over the spec's env (repeatable)",
+    )
     d.set_defaults(fn=cmd_deploy)
     i = sub.add_parser("invoke", help="invoke an event function and print its result")
     i.add_argument("name")

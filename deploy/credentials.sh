@@ -33,4 +33,24 @@ ensure_credential() {
   )
 }
 
+# set_credential NAME VALUE: NAME=VALUE, replacing any earlier value (for values derived
+# from the machine's state, like an address, rather than generated once).
+set_credential() {
+  [ "$(credential "$1")" = "$2" ] && grep -q "^$1=" "$CREDENTIALS" 2>/dev/null && return 0
+  (
+    umask 077
+    mkdir -p "$(dirname "$CREDENTIALS")"
+    local tmp
+    tmp="$(mktemp "$(dirname "$CREDENTIALS")/.credentials.XXXXXX")"
+    if [ -s "$CREDENTIALS" ]; then
+      grep -v "^$1=" "$CREDENTIALS" >"$tmp" || true
+    else
+      echo "# imagefn credentials, written by the deploy scripts. Keep secret." >"$tmp"
+    fi
+    printf '%s=%s\n' "$1" "$2" >>"$tmp"
+    chmod 0600 "$tmp"
+    mv -f "$tmp" "$CREDENTIALS"
+  )
+}
+
 new_secret() { openssl rand -hex 24; }

@@ -84,6 +84,32 @@ step "web function: GET $GATEWAY/web/web-app/echo?x=1"
 curl -sS -i "$GATEWAY/web/web-app/echo?x=1"
 echo
 
+step "the three use cases of SCF image functions (examples/; the first run builds their images)"
+step "model inference: imagefn deploy -f examples/inference/function.yaml   # a provisioned instance, 8 calls at once"
+"$IMAGEFN" deploy -f examples/inference/function.yaml
+admin_key=$(sed -n 's/^IMAGEFN_ADMIN_KEY=//p' /var/lib/imagefn/credentials.env)
+step "curl -H 'Authorization: Bearer …' --data '{\"instances\": [[5.1,3.5,1.4,0.2],[6.7,3.0,5.2,2.3]]}' $GATEWAY/web/inference/predict"
+for _ in $(seq 1 60); do  # bounded: the provisioned instance may still be starting
+  curl -sf -o /dev/null -H "Authorization: Bearer $admin_key" "$GATEWAY/web/inference/" && break
+  sleep 0.5
+done
+curl -sS -H "Authorization: Bearer $admin_key" -H 'Content-Type: application/json' \
+  --data '{"instances": [[5.1,3.5,1.4,0.2],[6.7,3.0,5.2,2.3]]}' "$GATEWAY/web/inference/predict"
+echo
+
+step "a legacy web app, unchanged: imagefn deploy -f examples/legacy-web/function.yaml   # Flask's flaskr from Debian"
+"$IMAGEFN" deploy -f examples/legacy-web/function.yaml
+step "curl $GATEWAY/web/legacy-web/   # its links carry the /web/legacy-web prefix (X-Forwarded-Prefix)"
+curl -sS "$GATEWAY/web/legacy-web/" | grep -E 'href=' | head -4
+step "curl -i -X POST --data 'username=demo&password=demo' $GATEWAY/web/legacy-web/auth/register   # redirect under the prefix"
+curl -sS -i -X POST --data "username=demo-$RANDOM&password=demo" \
+  "$GATEWAY/web/legacy-web/auth/register" | grep -iE '^(HTTP|location)'
+
+step "media processing: bash examples/media/deploy.sh   # buckets, the function's own store keys, a cos trigger"
+bash examples/media/deploy.sh
+step ".venv/bin/python examples/media/try_it.py   # upload a clip to media-in; thumbnail and preview appear in media-out"
+.venv/bin/python examples/media/try_it.py
+
 step "without an API key the API answers 401: curl -X POST $GATEWAY/v1/functions/hello-event/invoke"
 curl -sS -w '\n' -X POST "$GATEWAY/v1/functions/hello-event/invoke"
 step "imagefn keys create demo-invoker --scope invoke:hello-event --expires-in 3600   # shown once"
@@ -115,5 +141,6 @@ cat <<MSG
     platform log:   $STATE/up.log
     CLI:            $IMAGEFN --help   (deploy, invoke [--async], invocation, batch, dlq, logs, ls, versions, alias, rm)
     stop it:        deploy/stop.sh
+    open:           $GATEWAY/web/legacy-web/ in a browser (a blog: register, log in, post)
     read next:      docs/user-guide.md, examples/README.md
 MSG

@@ -27,6 +27,12 @@
 #       forwards from inside the instance's namespace) and the operator's allow-list.
 #   IPv6: everything from or to a function bridge is dropped (the networks are IPv4 only).
 #
+#   Exception: IMAGEFN_FUNCTION_HOST_PORTS (default 8334): TCP ports of this machine that
+#       `egress: true` functions may open, on the address of their own network's bridge:
+#       services meant for functions, bound there and nowhere else (deploy/seaweedfs.sh
+#       binds the object store's S3 API for functions to it, port 8334). Set it to "" to
+#       allow none.
+#
 # Operator allow-list: IMAGEFN_EGRESS_ALLOW="10.1.2.0/24,192.168.5.10/32" (comma or space
 # separated CIDRs that `egress: true` functions may reach even though they are private).
 # Read from the environment, else from /var/lib/imagefn/network.env (KEY=VALUE lines), so
@@ -40,15 +46,18 @@
 set -euo pipefail
 
 NETWORK_ENV=/var/lib/imagefn/network.env
-if [ -z "${IMAGEFN_EGRESS_ALLOW+x}" ] && [ -r "$NETWORK_ENV" ]; then
-  IMAGEFN_EGRESS_ALLOW="$(sed -n 's/^IMAGEFN_EGRESS_ALLOW=//p' "$NETWORK_ENV" | tail -n 1)"
-  IMAGEFN_EGRESS_ALLOW="${IMAGEFN_EGRESS_ALLOW//\"/}"
-fi
+for var in IMAGEFN_EGRESS_ALLOW IMAGEFN_FUNCTION_HOST_PORTS; do
+  if [ -z "${!var+x}" ] && [ -r "$NETWORK_ENV" ] && grep -q "^$var=" "$NETWORK_ENV"; then
+    value="$(sed -n "s/^$var=//p" "$NETWORK_ENV" | tail -n 1)"
+    printf -v "$var" '%s' "${value//\"/}"
+  fi
+done
 NET=${IMAGEFN_FUNCTION_NETWORK:-imagefn-fn}
 NET_NE=${IMAGEFN_FUNCTION_NETWORK_NO_EGRESS:-imagefn-fn-noegress}
 BR=${IMAGEFN_FUNCTION_BRIDGE:-imagefn-fn0}
 BR_NE=${IMAGEFN_FUNCTION_BRIDGE_NO_EGRESS:-imagefn-fn1}
 ALLOW=${IMAGEFN_EGRESS_ALLOW:-}
+HOST_PORTS=${IMAGEFN_FUNCTION_HOST_PORTS-8334}
 BLOCKED_RANGES=(10.0.0.0/8 172.16.0.0/12 192.168.0.0/16 100.64.0.0/10 169.254.0.0/16)
 IN_CHAIN=IMAGEFN-INPUT
 FWD_CHAIN=IMAGEFN-FORWARD
@@ -78,9 +87,16 @@ resolvers() {
 # Written as `iptables -S` prints them (option order, /32), so that `check` and the
 # no-change test in `load` can compare text.
 v4_rules() {
-  local br cidr ns
+  local br cidr ns port
   for br in "$BR" "$BR_NE"; do
     echo "-A $IN_CHAIN -i $br -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    if [ "$br" = "$BR" ]; then
+      for port in ${HOST_PORTS//,/ }; do
+        [[ "$port" =~ ^[0-9]{1,5}$ ]] && ((port >= 1 && port <= 65535)) \
+          || die "IMAGEFN_FUNCTION_HOST_PORTS: $port is not a TCP port"
+        echo "-A $IN_CHAIN -i $br -p tcp -m tcp --dport $port -j ACCEPT"
+      done
+    fi
     echo "-A $IN_CHAIN -i $br -j DROP"
   done
   for br in "$BR" "$BR_NE"; do

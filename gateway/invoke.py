@@ -25,6 +25,7 @@ from shared.http import (
     REQUEST_ID_HEADER,
     SCF_REQUEST_ID_HEADER,
     forwarded_headers,
+    scope_cookie,
     strip_hop_by_hop,
 )
 from shared.messages import Invocation, InvocationResult
@@ -218,7 +219,10 @@ async def invoke_web(request: web.Request) -> web.Response:
     result = await _call(request, inv, wait_s)
     resp = web.Response(status=result.status, body=result.body)
     for k, v in strip_hop_by_hop(result.headers):
-        if k.lower() not in ("date", "server"):
+        low = k.lower()
+        if low == "set-cookie":
+            resp.headers.add(k, scope_cookie(v, prefix))
+        elif low not in ("date", "server"):
             resp.headers.add(k, v)
     resp.headers.update(_platform_headers(request_id, result))
     return resp

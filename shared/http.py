@@ -79,3 +79,25 @@ def forwarded_headers(
     if prefix:
         out.append(("X-Forwarded-Prefix", prefix))
     return out
+
+
+def scope_cookie(set_cookie: str, prefix: str) -> str:
+    """A web function's ``Set-Cookie`` with its ``Path`` moved under ``prefix``
+    (``/web/NAME``), as nginx's ``proxy_cookie_path`` does: every web function shares the
+    gateway's host, so a cookie for ``Path=/`` would reach every other function, and
+    theirs this one. ``/`` becomes ``/web/NAME`` (which, by RFC 6265's path match,
+    covers ``/web/NAME/...`` but not ``/web/NAMEx``), ``/x`` becomes ``/web/NAME/x``; a
+    path already under the prefix is kept. Without a ``Path`` the browser takes the
+    request's own directory, which is under the prefix already."""
+    parts = set_cookie.split(";")
+    for i, part in enumerate(parts[1:], start=1):
+        name, sep, value = part.strip().partition("=")
+        if name.lower() != "path" or not sep:
+            continue
+        path = value.strip()
+        if path == prefix or path.startswith(prefix + "/"):
+            return set_cookie
+        scoped = prefix if path in ("", "/") else prefix + (path if path[0] == "/" else "/" + path)
+        parts[i] = f" Path={scoped}"
+        return ";".join(parts)
+    return set_cookie

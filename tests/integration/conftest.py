@@ -53,6 +53,9 @@ IMAGES = {
     TESTFN: REPO / "tests/images/testfn",
     "imagefn-examples/hello-event:latest": REPO / "examples/hello-event",
     "imagefn-examples/web-app:latest": REPO / "examples/web-app",
+    "imagefn-examples/inference:latest": REPO / "examples/inference",
+    "imagefn-examples/legacy-web:latest": REPO / "examples/legacy-web",
+    "imagefn-examples/media:latest": REPO / "examples/media",
 }
 # Every worker id the suite starts; the session ends by checking none left a container.
 STARTED_WORKERS: list[str] = []

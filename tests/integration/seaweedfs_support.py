@@ -27,6 +27,8 @@ class SeaweedFS:
     topic: str
     log_path: Path
     proc: subprocess.Popen[bytes]
+    master: str = ""  # host:port.grpcPort, for `weed shell`
+    filer: str = ""  # host:port.grpcPort, for more S3 front ends
 
     def env(self) -> dict[str, str]:
         return {
@@ -112,14 +114,7 @@ def start_seaweedfs(directory: Path, bootstrap: str) -> SeaweedFS:
         proc = subprocess.Popen(
             args, cwd=directory, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
-    deadline = time.monotonic() + 60
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port["s3"]), 0.2):
-            break
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            pytest.fail(f"SeaweedFS did not start; see {log_path}")
-        time.sleep(0.1)
+    wait_listening("127.0.0.1", port["s3"], proc, log_path)
     return SeaweedFS(
         endpoint=f"http://127.0.0.1:{port['s3']}",
         access_key=access,
@@ -127,4 +122,84 @@ def start_seaweedfs(directory: Path, bootstrap: str) -> SeaweedFS:
         topic=topic,
         log_path=log_path,
         proc=proc,
+        master=f"127.0.0.1:{port['master']}.{grpc['master']}",
+        # host:port.grpcPort: the gRPC port is not the default (port + 10000) here.
+        filer=f"127.0.0.1:{port['filer']}.{grpc['filer']}",
     )
+
+
+def wait_listening(host: str, port: int, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
+            return
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(f"SeaweedFS did not listen on {host}:{port}; see {log_path}")
+        time.sleep(0.1)
+
+
+@dataclass
+class FunctionFront:
+    """An S3 front end on the function network's bridge address, as deploy/seaweedfs.sh
+    starts one for the machine's store, with the firewall opening deploy/network.sh makes
+    for it (IMAGEFN_FUNCTION_HOST_PORTS), here for this port only and removed at stop."""
+
+    endpoint: str
+    rule: list[str]
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        subprocess.run(["iptables", "-D", *self.rule], check=False, capture_output=True)
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def start_function_front(
+    store: SeaweedFS, directory: Path, network: str = "imagefn-fn", bridge: str = "imagefn-fn0"
+) -> FunctionFront:
+    gateway = subprocess.run(
+        [
+            "docker",
+            "network",
+            "inspect",
+            "-f",
+            "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+            network,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    port, grpc = _free_ports(2)
+    rule = ["IMAGEFN-INPUT", "-i", bridge, "-p", "tcp", "-m", "tcp", "--dport", str(port)]
+    rule += ["-j", "ACCEPT"]
+    subprocess.run(["iptables", "-I", rule[0], "1", *rule[1:]], check=True, capture_output=True)
+    log_path = directory / "weed-s3-functions.log"
+    args = [
+        weed_binary(),
+        "s3",
+        f"-filer={store.filer}",
+        f"-ip.bind={gateway}",
+        f"-port={port}",
+        f"-port.grpc={grpc}",
+        f"-config={directory / 's3.json'}",
+        "-iam=false",
+        "-port.iceberg=0",
+        "-port.lance=0",
+    ]
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            args, cwd=directory, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    front = FunctionFront(endpoint=f"http://{gateway}:{port}", rule=rule, proc=proc)
+    try:
+        wait_listening(gateway, port, proc, log_path)
+    except BaseException:
+        front.stop()
+        raise
+    return front

@@ -3,14 +3,17 @@ changes to the session's Kafka-protocol broker, two trigger runners sharing its 
 a worker running containers. Uploads made with boto3 fire each matching trigger exactly
 once, with the COS event; a multipart upload fires once; prefix, suffix and event filters
 hold; S3-format notifications posted to the webhook route fire too; a bucket that does
-not exist is refused."""
+not exist is refused. And the media example (examples/media) turns an uploaded clip into
+its thumbnail and preview in another bucket, through the S3 front end for functions."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +24,7 @@ import boto3
 import pytest
 import redis.asyncio as aioredis
 from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
 
 from shared.keys import Keys
 from tests.integration.conftest import (
@@ -30,7 +34,13 @@ from tests.integration.conftest import (
     running_platform,
     unique,
 )
-from tests.integration.seaweedfs_support import SeaweedFS, start_seaweedfs
+from tests.integration.seaweedfs_support import (
+    FunctionFront,
+    SeaweedFS,
+    start_function_front,
+    start_seaweedfs,
+    weed_binary,
+)
 
 MiB = 1024 * 1024
 
@@ -295,3 +305,122 @@ async def test_a_bucket_that_does_not_exist_is_refused_naming_bucket(
     assert "no bucket 'no-such-bucket-here'" in body["error"]["message"]
     async with client.get(f"{p.url}/v1/functions/{fn}/triggers") as r:
         assert (await r.json())["triggers"] == []
+
+
+# -- the media example (examples/media): upload a clip, get its thumbnail and preview ----------
+
+MEDIA_IMAGE = "imagefn-examples/media:latest"
+
+
+@pytest.fixture(scope="module")
+def function_front(
+    seaweedfs: SeaweedFS, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FunctionFront]:
+    # The s3.json the store was started with sits in its directory.
+    front = start_function_front(seaweedfs, seaweedfs.log_path.parent)
+    yield front
+    front.stop()
+
+
+def make_clip(seconds: int = 2) -> bytes:
+    """An H.264 test-pattern clip, made by the example image's own ffmpeg, offline."""
+    done = subprocess.run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            MEDIA_IMAGE,
+            "ffmpeg",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            f"testsrc=duration={seconds}:size=320x240:rate=12",
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-movflags",
+            "frag_keyframe+empty_moov",
+            "-f",
+            "mp4",
+            "pipe:1",
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout, done.stderr[-1000:]
+    return done.stdout
+
+
+async def test_the_media_example_turns_an_uploaded_clip_into_its_outputs(
+    cos_platform: Platform,
+    seaweedfs: SeaweedFS,
+    function_front: FunctionFront,
+    client: aiohttp.ClientSession,
+    redis_url: str,
+) -> None:
+    p = cos_platform
+    fn = unique("media")
+    s3c = s3(seaweedfs)
+    src, out, other = unique("media-in"), unique("media-out"), unique("private")
+    for bucket in (src, out, other):
+        await asyncio.to_thread(s3c.create_bucket, Bucket=bucket)
+    await asyncio.to_thread(s3c.put_object, Bucket=other, Key="secret.txt", Body=b"no")
+    # As examples/media/deploy.sh does: keys of the function's own, for its two buckets.
+    access, secret = unique("mediakey"), uuid.uuid4().hex
+    command = (
+        f"s3.configure -user {fn} -access_key {access} -secret_key {secret} "
+        f"-buckets {src},{out} -actions Read,Write,List -apply"
+    )
+    shell = await asyncio.to_thread(
+        subprocess.run,
+        [weed_binary(), "shell", f"-master={seaweedfs.master}"],
+        input=command.encode(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert shell.returncode == 0, shell.stderr[-1000:]
+    env = {
+        "S3_ENDPOINT": function_front.endpoint,
+        "S3_ACCESS_KEY": access,
+        "S3_SECRET_KEY": secret,
+        "OUTPUT_BUCKET": out,
+    }
+    await p.deploy(client, fn, image=MEDIA_IMAGE, memory_mb=512, tmp_mb=256, timeout_s=120, env=env)
+    await add_trigger(client, p, fn, "uploads", bucket=src, suffix=".mp4")
+    clip = await asyncio.to_thread(make_clip)
+    await asyncio.to_thread(s3c.put_object, Bucket=src, Key="clips/cat.mp4", Body=clip)
+    await asyncio.to_thread(s3c.put_object, Bucket=src, Key="clips/notes.txt", Body=b"skip")
+    [rid] = await wait_done(redis_url, p, fn, "uploads", 1, timeout_s=120)
+    thumb = await asyncio.to_thread(s3c.get_object, Bucket=out, Key="clips/cat.thumb.jpg")
+    preview = await asyncio.to_thread(s3c.get_object, Bucket=out, Key="clips/cat.preview.mp4")
+    assert thumb["ContentType"] == "image/jpeg"
+    assert thumb["Body"].read()[:3] == b"\xff\xd8\xff"  # a JPEG
+    assert preview["ContentType"] == "video/mp4"
+    assert preview["Body"].read()[4:8] == b"ftyp"  # an MP4
+    # The function's answer names what it wrote.
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        result = json.loads(await r.get(Keys(p.prefix).result(rid)))
+    finally:
+        await r.aclose()
+    [done] = json.loads(result["body"])["results"]
+    assert done["outputs"] == [
+        f"s3://{out}/clips/cat.thumb.jpg",
+        f"s3://{out}/clips/cat.preview.mp4",
+    ]
+    # Its keys reach its own buckets only (the store's check, as the example relies on).
+    mine = boto3.client(
+        "s3",
+        endpoint_url=seaweedfs.endpoint,
+        aws_access_key_id=access,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+    )
+    with pytest.raises(ClientError, match="AccessDenied"):
+        await asyncio.to_thread(mine.get_object, Bucket=other, Key="secret.txt")

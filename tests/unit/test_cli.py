@@ -9,6 +9,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -28,6 +29,7 @@ from cli.main import (
     cmd_versions,
     cmd_worker,
     main,
+    merge_env,
 )
 from shared.errors import InvalidSpec, UserProcessExited
 from shared.settings import RegistrySettings, Settings
@@ -62,6 +64,23 @@ def test_deploy() -> None:
     assert (args.fn, args.file) == (cmd_deploy, "fn.yaml")
     args = build_parser().parse_args(["deploy", "--file", "fn.json"])
     assert args.file == "fn.json"
+
+
+def test_deploy_env_overrides_the_spec() -> None:
+    args = build_parser().parse_args(
+        ["deploy", "-f", "fn.yaml", "--env", "A=1", "--env", "B=x=y", "--env", "C="]
+    )
+    doc: dict[str, Any] = {"name": "fn", "env": {"A": "0", "D": "kept"}}
+    merge_env(doc, args.env, "fn.yaml")
+    assert doc["env"] == {"A": "1", "D": "kept", "B": "x=y", "C": ""}
+    bare: dict[str, Any] = {"name": "fn"}
+    merge_env(bare, [], "fn.yaml")
+    assert "env" not in bare
+    for bad in ("NOVALUE", "=v"):
+        with pytest.raises(CliError, match="expected NAME=VALUE"):
+            merge_env({"name": "fn"}, [bad], "fn.yaml")
+    with pytest.raises(CliError, match="'env' must be a mapping"):
+        merge_env({"name": "fn", "env": ["A=1"]}, ["B=2"], "fn.yaml")
 
 
 def test_deploy_requires_a_file(capsys: pytest.CaptureFixture[str]) -> None:

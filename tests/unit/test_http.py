@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from shared.http import forwarded_headers, strip_hop_by_hop
+import pytest
+
+from shared.http import forwarded_headers, scope_cookie, strip_hop_by_hop
 
 
 def test_hop_by_hop_and_framing_headers_are_removed() -> None:
@@ -97,3 +99,24 @@ def test_forwarded_prefix_is_the_gateways_own() -> None:
     got = forwarded_headers(caller, "127.0.0.1", "h", "http", "/web/app")
     assert ("X-Forwarded-Prefix", "/web/app") in got
     assert ("X-Forwarded-Prefix", "/admin") not in got
+
+
+@pytest.mark.parametrize(
+    ("cookie", "scoped"),
+    [
+        ("session=abc; HttpOnly; Path=/", "session=abc; HttpOnly; Path=/web/app"),
+        ("a=1; path=/auth; Secure", "a=1; Path=/web/app/auth; Secure"),
+        ("a=1; Path=auth", "a=1; Path=/web/app/auth"),
+        ("a=1; Path=", "a=1; Path=/web/app"),
+        # Already under the prefix, or no Path (the browser uses the request's directory).
+        ("a=1; Path=/web/app", "a=1; Path=/web/app"),
+        ("a=1; Path=/web/app/x", "a=1; Path=/web/app/x"),
+        ("a=1; HttpOnly", "a=1; HttpOnly"),
+        # /web/appx is another function's: moved under this one's prefix.
+        ("a=1; Path=/web/appx", "a=1; Path=/web/app/web/appx"),
+        # A value that merely contains "path=" is not the attribute.
+        ("path=/; Max-Age=5", "path=/; Max-Age=5"),
+    ],
+)
+def test_scope_cookie(cookie: str, scoped: str) -> None:
+    assert scope_cookie(cookie, "/web/app") == scoped
