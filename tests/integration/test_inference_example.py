@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 import yaml
 
+from shared.keys import Keys
 from tests.integration.conftest import (
     REPO,
     RegistryInfo,
@@ -44,6 +46,25 @@ def example_spec() -> dict[str, Any]:
     return spec
 
 
+async def warm_instances(redis_url: str, prefix: str, function: str) -> int:
+    """Instances of ``function`` that the workers' heartbeats show ready or frozen."""
+    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        count = 0
+        async for key in r.scan_iter(f"{Keys(prefix).worker_heartbeat('')}*"):
+            raw = await r.get(key)
+            try:
+                beat = json.loads(raw or "{}")
+            except ValueError:
+                continue
+            for fn, inv in (beat.get("functions") or {}).items():
+                if fn.startswith(f"{function}@"):
+                    count += int(inv.get("ready", 0)) + int(inv.get("paused", 0))
+        return count
+    finally:
+        await r.aclose()
+
+
 def instance_label(container: str) -> str:
     out = docker("inspect", "-f", '{{index .Config.Labels "imagefn.instance"}}', container)
     return out.stdout.strip()
@@ -67,7 +88,13 @@ async def test_inference_example_provisioned_concurrent_and_bad_input(
         # Provisioned: the instance starts without any call.
         await wait_for(lambda: len(running(name)) == 1, 90, "the provisioned instance")
         [container] = running(name)
-        await asyncio.sleep(1.5)  # heartbeats carry the ready instance to the gateway
+        # Running is not ready: loading scikit-learn takes a while on a busy machine. Wait
+        # until the worker's heartbeat, which the gateway routes by, shows it ready.
+        deadline = asyncio.get_running_loop().time() + 90
+        while await warm_instances(redis_url, p.prefix, name) < 1:
+            assert asyncio.get_running_loop().time() < deadline, "never ready"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1)  # the gateway reads heartbeats every 0.5 s
         async with client.get(f"{base}/") as resp:
             assert resp.status == 200, await resp.text()
             info = await resp.json()
