@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -153,6 +154,31 @@ class FunctionRegistry:
             raise _unavailable(e) from e
         records = [FunctionRecord.from_json(v) for v in raw.values()]
         return sorted(records, key=lambda r: r.spec.name)
+
+    async def reachable_versions(self, names: Collection[str]) -> dict[str, frozenset[int]]:
+        """The versions of each named function that a call can still reach without naming
+        a version number: its $LATEST and its aliases' targets. A function that does not
+        exist (deleted) maps to an empty set. One round trip, uncached: workers ask with
+        every heartbeat to retire what nothing reaches any more."""
+        ordered = list(names)
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for name in ordered:
+                    pipe.hget(self._keys.functions, name)
+                    pipe.hgetall(self._keys.aliases(name))
+                replies = await pipe.execute()
+        except RedisError as e:
+            raise _unavailable(e) from e
+        out: dict[str, frozenset[int]] = {}
+        for i, name in enumerate(ordered):
+            raw, aliases = replies[2 * i], replies[2 * i + 1]
+            if raw is None:
+                out[name] = frozenset()
+                continue
+            versions = {FunctionRecord.from_json(raw).version}
+            versions.update(int(v) for v in (aliases or {}).values())
+            out[name] = frozenset(versions)
+        return out
 
     async def versions(self, name: str) -> FunctionVersions:
         try:

@@ -121,6 +121,10 @@ class FunctionSpec:
     auth: str = "key"
     # Whether the instance may reach the internet (never the platform or other functions).
     egress: bool = True
+    # Whether idle instances are frozen (docker pause) after the worker's pause_after_s.
+    # A frozen instance's background threads stop too (heartbeats, keep-alives,
+    # schedulers): false keeps idle instances running until idle_ttl_s retires them.
+    freeze_idle: bool = True
     # Spec key "async" (a Python keyword, hence the attribute name).
     async_policy: AsyncPolicy = field(default_factory=AsyncPolicy)
     destinations: Destinations = field(default_factory=Destinations)
@@ -360,6 +364,9 @@ def parse_spec(data: Any) -> FunctionSpec:
     egress = data.get("egress", True)
     if not isinstance(egress, bool):
         errors["egress"] = "must be true or false"
+    freeze_idle = data.get("freeze_idle", True)
+    if not isinstance(freeze_idle, bool):
+        errors["freeze_idle"] = "must be true or false"
 
     if ftype == "event" and numbers.get("instance_concurrency", 1) != 1:
         # The contract: one instance handles one event at a time.
@@ -385,6 +392,7 @@ def parse_spec(data: Any) -> FunctionSpec:
         tmp_mb=int(numbers["tmp_mb"]),
         auth=str(auth),
         egress=bool(egress),
+        freeze_idle=bool(freeze_idle),
         async_policy=async_policy,
         destinations=destinations,
     )

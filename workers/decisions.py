@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from workers.instance import ASLEEP_STATES, STARTING_STATES, InstanceView, State
+from workers.instance_state import ASLEEP_STATES, STARTING_STATES, InstanceView, State
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ import structlog
 
 from shared.errors import InvalidSpec, PullImageFailed, ServiceUnavailable
 from shared.imageref import parse_image_ref
+from shared.settings import WorkerSettings
 from shared.settings_security import NetworkSettings
-from shared.spec import FunctionSpec
-from workers.runtime import ContainerRuntime
+from shared.spec import FunctionRecord, FunctionSpec
+from workers.runtime import ContainerConfig, ContainerRuntime
 
 log = structlog.get_logger("imagefn.sandbox")
 
@@ -68,6 +69,36 @@ def reserved_mb(spec: FunctionSpec) -> int:
     container's memory limit). Reserving less would let instances that fill their /tmp
     take more memory than the worker has."""
     return spec.memory_mb + spec.tmp_mb
+
+
+def container_config(
+    record: FunctionRecord,
+    *,
+    name: str,
+    labels: dict[str, str],
+    settings: WorkerSettings,
+    networks: NetworkSettings,
+) -> ContainerConfig:
+    """The container of one instance: the function's Command, Args, env and limits, and
+    the worker's bounds on processes, files and the engine's log of it."""
+    spec = record.spec
+    return ContainerConfig(
+        name=name,
+        image=record.image_ref,
+        command=spec.command,
+        args=spec.args,
+        env=spec.env,
+        labels=labels,
+        memory_mb=spec.memory_mb,
+        cpus=spec.cpus,
+        pids_limit=settings.pids_limit,
+        nofile_limit=settings.nofile_limit,
+        tmp_mb=spec.tmp_mb,
+        network=network_for(spec, networks),
+        log_max_mb=settings.container_log_max_mb,
+        log_files=settings.container_log_files,
+        log_driver=settings.container_log_driver,
+    )
 
 
 async def require_networks(runtime: ContainerRuntime, networks: NetworkSettings) -> None:

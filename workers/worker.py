@@ -318,6 +318,9 @@ class Worker:
             beat.encode(),
             int(self._ws.heartbeat_ttl_s * 1000),
         )
+        # A deleted function's idle instances (and those of versions nothing names any
+        # more) go within a heartbeat, not at their idle TTL.
+        await self._pool.retire_unreachable(self._registry.reachable_versions)
 
     async def _follow_control(self) -> None:
         """Apply the cold-start manager's desired state for this worker: the newest

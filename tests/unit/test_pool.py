@@ -274,7 +274,7 @@ async def test_listening_on_the_wrong_address_is_port_binding_failed(
     async def listeners(pid: int) -> list[str]:
         return ["127.0.0.1:9000"]
 
-    monkeypatch.setattr("workers.pool.diagnose_listeners", listeners)
+    monkeypatch.setattr("workers.failures.diagnose_listeners", listeners)
     kit.runtime.queue(Behaviour(ready=False))
     result = await kit.pool.invoke(make_invocation(make_record(init_timeout_s=0.1)))
     assert error_type(result) == "PortBindingFailed"

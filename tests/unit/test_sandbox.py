@@ -161,7 +161,7 @@ async def test_instances_get_the_specs_network_and_tmp(
     make_pool: Callable[..., PoolKit],
 ) -> None:
     kit = make_pool()
-    kit.pool._networks = NetworkSettings(network="out", network_no_egress="closed")
+    kit.pool._host.networks = NetworkSettings(network="out", network_no_egress="closed")
     open_ = await kit.pool.invoke(make_invocation(make_record("open", tmp_mb=64)))
     closed = await kit.pool.invoke(make_invocation(make_record("closed", egress=False)))
     assert open_.error is None and closed.error is None

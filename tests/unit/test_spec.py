@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -405,3 +406,27 @@ def test_bad_async_policy_names_the_field(value: Any, field: str, says: str) -> 
 )
 def test_bad_destination_names_the_field(value: Any, field: str) -> None:
     assert field in bad_fields({**MINIMAL, "destinations": value})
+
+
+def test_freeze_idle_defaults_to_true_and_must_be_a_boolean() -> None:
+    base = {"name": "f", "image": "repo/f:1"}
+    assert parse_spec(base).freeze_idle is True
+    assert parse_spec({**base, "freeze_idle": False}).freeze_idle is False
+    for bad in ("no", 0, None):
+        with pytest.raises(InvalidSpec) as info:
+            parse_spec({**base, "freeze_idle": bad})
+        assert info.value.details["fields"] == {"freeze_idle": "must be true or false"}
+
+
+def test_records_published_before_freeze_idle_existed_still_freeze() -> None:
+    record = FunctionRecord(
+        spec=FunctionSpec(name="f", image="repo/f:1"),
+        image_ref="repo/f@sha256:" + "0" * 64,
+        image_digest="sha256:" + "0" * 64,
+        version=1,
+        created_at=1.0,
+        updated_at=1.0,
+    )
+    data = record.to_dict()
+    del data["freeze_idle"]
+    assert FunctionRecord.from_json(json.dumps(data)).spec.freeze_idle is True

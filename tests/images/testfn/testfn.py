@@ -50,6 +50,10 @@ request id, headers, event, TEST_* environment, whether /tmp and / are writable)
 The environment variable TESTFN_FAIL_STATUS=N answers every event with status N (unless
 the event names its own), a bug that a redeploy without it fixes.
 
+The environment variable TESTFN_TICK_S=S starts a background thread that prints
+"tick N" (N = 0, 1, ...) to stdout every S seconds for the life of the process: an app's
+own background work (heartbeats, keep-alives), which stops while the instance is frozen.
+
 The environment variable TESTFN_QUIET (any value) turns off the access log line the
 server writes to stderr for each request.
 
@@ -336,10 +340,21 @@ def serve(host: str, port: int, server_class: type[HTTPServer] = HTTPServer) -> 
     server.serve_forever()
 
 
+def tick(every_s: float) -> None:
+    n = 0
+    while True:
+        print(f"tick {n}", flush=True)
+        n += 1
+        time.sleep(every_s)
+
+
 def main(argv: list[str]) -> None:
     # As PID 1 the process ignores SIGTERM unless it handles it: stop at once.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     mode, args = (argv[0], argv[1:]) if argv else ("serve", [])
+    tick_s = os.environ.get("TESTFN_TICK_S")
+    if tick_s:
+        threading.Thread(target=tick, args=(float(tick_s),), daemon=True).start()
     if mode == "serve":
         serve("0.0.0.0", 9000)
     elif mode == "serve-threaded":
