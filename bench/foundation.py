@@ -192,14 +192,22 @@ def machine_info() -> dict[str, Any]:
 
 
 def _proc_cpu_s(pid: int) -> float:
-    """utime+stime of one process, in seconds (0 when unreadable)."""
+    """utime+stime of a process and its live descendants, in seconds: ``imagefn up`` runs
+    its gateway (cli/up.py) and the log shipper as child processes (0 when unreadable)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         fields = stat[stat.rindex(")") + 2 :].split()
         ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        own = (int(fields[11]) + int(fields[12])) / ticks
     except (OSError, ValueError, IndexError):
         return 0.0
+    children: list[int] = []
+    with contextlib.suppress(OSError, ValueError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            children += [
+                int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+            ]
+    return own + sum(_proc_cpu_s(c) for c in children)
 
 
 def _machine_cpu() -> tuple[float, float]:

@@ -99,7 +99,13 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> None:
     from workers.service import serve_worker
     from workers.triggers import serve_triggers
 
-    _serve(settings, serve_gateway, serve_worker, serve_coldstart, serve_scheduler, serve_triggers)
+    gateway: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]] = serve_gateway
+    if settings.up_gateway_process:
+        # The gateway on a core of its own (cli/up.py).
+        from cli.up import serve_gateway_process
+
+        gateway = serve_gateway_process
+    _serve(settings, gateway, serve_worker, serve_coldstart, serve_scheduler, serve_triggers)
 
 
 def cmd_triggers(args: argparse.Namespace, settings: Settings) -> None:

@@ -297,8 +297,10 @@ class InvocationLog:
             "updated_at": now,
         }
         pairs: list[Any] = [x for kv in fields.items() for x in kv]
-        written = await self._record(
-            keys=[self._keys.invocation(inv.request_id)], args=[inv.owner, self._ttl_s, *pairs]
+        # Auto-pipelined (issue 12): the records of invocations a worker finishes in the
+        # same pass of its loop share one round trip instead of one each.
+        written = await self._pipe.script(
+            self._record, [self._keys.invocation(inv.request_id)], [inv.owner, self._ttl_s, *pairs]
         )
         if not written:
             log.warning("record_owned_by_another_caller", request_id=inv.request_id)

@@ -6,7 +6,9 @@ here; nobody else builds or parses them.
 An invocation and its result travel as fields: ``m`` (JSON metadata), ``b`` (the raw body
 bytes, so bodies of any content type cross unchanged and are never base64-inflated) and,
 for an invocation, ``r`` (the function record's JSON, parsed once per distinct record on
-the receiving side).
+the receiving side). The metadata of invocations and results, which every call encodes
+and decodes twice, goes through ``orjson`` (several times faster than ``json`` on these
+small documents; issue 12); the rarer messages keep the standard library.
 
 Decoders of the heartbeat and the control command tolerate missing optional fields (an
 older process in a rolling upgrade sends fewer) and raise ``MalformedMessage``, a
@@ -19,6 +21,8 @@ import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from shared.errors import ImagefnError, error_from_dict
 from shared.spec import FunctionRecord
@@ -126,14 +130,14 @@ class Invocation:
                 qualifier=self.qualifier,
             )
         return {
-            "m": json.dumps(meta, separators=(",", ":")).encode(),
+            "m": orjson.dumps(meta),
             "r": self.record.json_bytes,
             "b": self.body,
         }
 
     @classmethod
     def decode(cls, fields: dict[bytes, bytes]) -> Invocation:
-        meta = json.loads(fields[b"m"])
+        meta = orjson.loads(fields[b"m"])
         return cls(
             request_id=meta["request_id"],
             record=FunctionRecord.from_json(fields[b"r"]),
@@ -195,11 +199,11 @@ class InvocationResult:
             "cold_start": self.cold_start,
             "timings": self.timings,
         }
-        return {"m": json.dumps(meta, separators=(",", ":")).encode(), "b": self.body}
+        return {"m": orjson.dumps(meta), "b": self.body}
 
     @classmethod
     def decode(cls, fields: dict[bytes, bytes]) -> InvocationResult:
-        meta = json.loads(fields[b"m"])
+        meta = orjson.loads(fields[b"m"])
         return cls(
             request_id=meta["request_id"],
             status=int(meta["status"]),

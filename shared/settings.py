@@ -260,6 +260,9 @@ class Settings:
     log_level: str = "info"
     # Run servers on uvloop when it is installed (it roughly halves event-loop overhead).
     uvloop: bool = True
+    # ``imagefn up`` runs its gateway in a child process, so that gateway and worker use
+    # two cores (cli/up.py); false: everything in one process.
+    up_gateway_process: bool = True
 
 
 # Kafka topic names allow only these characters (and at most 249 of them).
@@ -477,6 +480,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         objectstore=load_objectstore(env),
         log_level=env.get("IMAGEFN_LOG_LEVEL") or "info",
         uvloop=_bool(env, "IMAGEFN_UVLOOP", True),
+        up_gateway_process=_bool(env, "IMAGEFN_UP_GATEWAY_PROCESS", True),
     )
 
 

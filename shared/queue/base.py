@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -125,6 +126,12 @@ class InvocationQueue(ABC):
 
     def __init__(self) -> None:
         self._waiters: dict[str, asyncio.Future[InvocationResult]] = {}
+        # Call ids: a random prefix per queue object and a counter, not a uuid4 per call
+        # (an os.urandom system call each; issue 12). Unique within this process by the
+        # counter, and across gateways (a Kafka reply partition may be shared) by the
+        # 64 random bits of the prefix.
+        self._call_prefix = uuid.uuid4().hex[:16]
+        self._call_seq = itertools.count(1)
 
     async def call(
         self, invocation: Invocation, timeout_s: float, worker: str | None = None
@@ -134,7 +141,7 @@ class InvocationQueue(ABC):
         await self._before_call()
         # A fresh id per call: the result finds exactly this caller, even when two
         # callers chose the same request id.
-        call_id = uuid.uuid4().hex
+        call_id = f"{self._call_prefix}{next(self._call_seq):x}"
         fut: asyncio.Future[InvocationResult] = asyncio.get_running_loop().create_future()
         # Register before publishing: a fast worker may answer before publish returns.
         self._waiters[call_id] = fut
