@@ -9,8 +9,10 @@ and runs the worker, cold-start manager, scheduler and trigger runner in its own
 
 The child is one more part of ``up``: when ``up`` stops (Ctrl-C, SIGTERM, another part
 failed), the child is told to stop (SIGTERM) and waited for; when the child dies, ``up``
-stops the rest rather than run half a platform. ``IMAGEFN_UP_GATEWAY_PROCESS=false`` keeps
-the single process of before.
+stops the rest rather than run half a platform. Only with
+``IMAGEFN_UP_GATEWAY_PROCESS=true``: on a 2-core machine the second process measured slower
+(its wake-ups compete with the container, Redis and docker-proxy for the same two cores),
+so one process stays the default; try it where there are more cores.
 """
 
 from __future__ import annotations

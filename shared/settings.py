@@ -262,7 +262,9 @@ class Settings:
     uvloop: bool = True
     # ``imagefn up`` runs its gateway in a child process, so that gateway and worker use
     # two cores (cli/up.py); false: everything in one process.
-    up_gateway_process: bool = True
+    # Off by default: on 2 cores the extra process cost more than it gave (docs/benchmarks.md,
+    # "The warm path (issue 12)": events x0.76, serial overhead +1.6 ms with it on).
+    up_gateway_process: bool = False
 
 
 # Kafka topic names allow only these characters (and at most 249 of them).
@@ -480,7 +482,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         objectstore=load_objectstore(env),
         log_level=env.get("IMAGEFN_LOG_LEVEL") or "info",
         uvloop=_bool(env, "IMAGEFN_UVLOOP", True),
-        up_gateway_process=_bool(env, "IMAGEFN_UP_GATEWAY_PROCESS", True),
+        up_gateway_process=_bool(env, "IMAGEFN_UP_GATEWAY_PROCESS", False),
     )
 
 
